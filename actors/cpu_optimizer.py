@@ -1,0 +1,54 @@
+"""The CPU optimizer actor: fused AdamW over an element range of a unit's ring slots (one of a pool)."""
+
+from __future__ import annotations
+
+import torch
+
+from actors.common import MemoryMeter, MemoryReport, setup_logging
+from fuyou_ray.optim import AdamWStep, adamw_update_
+from fuyou_ray.ring import RingMapping, RingSpec, SlotHandle
+
+
+class CPUOptimizerActor:
+    """One member of the optimizer pool (named `fuyou:cpu-opt-<rank>`).
+
+    Owns nothing but a ring mapping and its torch thread count. `update` runs AdamW in place on the slots
+    holding a unit's master weights, moments and gradient - only the [lo, hi) element range it is given,
+    so the pool shares one unit without copies - and writes the new compute-dtype params into `params`.
+    Stateless between calls, so a restarted actor simply continues.
+    """
+
+    def __init__(self, ring: RingSpec, rank: int, threads: int) -> None:
+        self.log = setup_logging(f"cpu-opt-{rank}")
+        self.memory = MemoryMeter(f"cpu-opt-{rank}")
+        self.rank = rank
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.ring = RingMapping(ring)
+        self.elements = 0
+
+    def update(
+        self,
+        master: SlotHandle,
+        grad: SlotHandle,
+        exp_avg: SlotHandle,
+        exp_avg_sq: SlotHandle,
+        params: SlotHandle,
+        lo: int,
+        hi: int,
+        decay_end: int,
+        hp: AdamWStep,
+        grad_scale: float,
+        *after: object,
+    ) -> int:
+        """AdamW on elements [lo, hi) of one unit; returns the number of elements updated."""
+        w, g, m, v, p = (self.ring.tensor(h)[lo:hi] for h in (master, grad, exp_avg, exp_avg_sq, params))
+        adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
+        self.elements += hi - lo
+        return hi - lo
+
+    def memory_report(self) -> MemoryReport:
+        return self.memory.report()
+
+    def shutdown(self) -> None:
+        self.ring.close()

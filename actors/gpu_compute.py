@@ -1,0 +1,141 @@
+"""The GPU compute actor: runs the model unit by unit on weights streamed through the ring."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from actors.common import MemoryMeter, MemoryReport, setup_logging
+from fuyou_ray.config import ModelConfig
+from fuyou_ray.models import ModelSpec, lm_loss
+from fuyou_ray.optim import clip_coefficient
+from fuyou_ray.ring import DTYPES, RingMapping, RingSpec, SlotHandle
+
+
+class GPUComputeActor:
+    """Owns the compute device, a weightless copy of every unit, and the step's activations.
+
+    Lifecycle: created once per run (name `fuyou:gpu-compute`, `num_gpus=1` when CUDA is used); pins the
+    ring on CUDA. Per step: `start_step` receives the batch; `forward(u)` runs unit u on the WHOLE batch
+    (micro-batch by micro-batch) with params read from a ring slot, keeping each unit's input; `head` runs
+    the last unit forward and backward at once (its params are loaded once per step); `backward(u)`
+    reloads unit u's params, recomputes its forward from the kept input and backpropagates, accumulating
+    the unit's gradient over micro-batches and writing it (fp32) into a ring slot. Every call returns only
+    when what it wrote to the ring is complete. A restarted actor has lost the step's activations: the
+    driver replays the step from `start_step`.
+    """
+
+    def __init__(self, model: ModelConfig, ring: RingSpec, device: str, compute_dtype: str) -> None:
+        self.log = setup_logging("gpu-compute")
+        self.memory = MemoryMeter("gpu-compute")
+        self.device = torch.device(device)
+        self.dtype = DTYPES[compute_dtype]
+        self.spec = ModelSpec(model)
+        self.units = [self.spec.build_unit(u.index, "meta") for u in self.spec.units]
+        self.ring = RingMapping(ring)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            self.ring.pin()
+        self.inputs: list[list[torch.Tensor]] = []
+        self.grad_out: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.accum = 1
+        self.loss = 0.0
+        self.grad_sq = 0.0
+        self.log.info("compute on %s in %s, %d units", self.device, compute_dtype, len(self.units))
+
+    # ---------------------------------------------------------------------------------------- the step
+
+    def start_step(self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int) -> int:
+        """Take the step's batch (global_batch, seq_len); forget the previous step's state."""
+        n = self.spec.num_units
+        self.inputs = [[] for _ in range(n)]
+        self.inputs[0] = [t.to(self.device) for t in inputs.split(micro_batch)]
+        self.targets = [t.to(self.device) for t in targets.split(micro_batch)]
+        self.accum = len(self.targets)
+        self.grad_out = []
+        self.loss = 0.0
+        self.grad_sq = 0.0
+        return self.accum
+
+    def forward(self, unit: int, params: SlotHandle, *after: object) -> int:
+        """Run unit `unit` forward on every micro-batch; keep its outputs as the next unit's inputs."""
+        named = self._load(unit, params, requires_grad=False)
+        with torch.no_grad():
+            self.inputs[unit + 1] = [
+                functional_call(self.units[unit], named, (x,)) for x in self.inputs[unit]
+            ]
+        return unit
+
+    def head(self, unit: int, params: SlotHandle, grad_slot: SlotHandle, *after: object) -> SlotHandle:
+        """Last unit: forward + loss + backward in one visit; its gradient goes to `grad_slot`."""
+        flat = self._load_flat(params, requires_grad=True)
+        named = self.spec.units[unit].layout.unflatten(flat)
+        grad_acc = torch.zeros(flat.numel(), dtype=torch.float32, device=self.device)
+        self.grad_out = []
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for x, y in zip(self.inputs[unit], self.targets, strict=True):
+            x = x.detach().requires_grad_(True)
+            loss = lm_loss(functional_call(self.units[unit], named, (x,)), y) / self.accum
+            g_flat, g_x = torch.autograd.grad(loss, [flat, x])
+            grad_acc += g_flat.float()
+            self.grad_out.append(g_x)
+            total += loss.detach()
+        self.inputs[unit] = []
+        self.loss = float(total)
+        return self._emit_grad(unit, grad_acc, grad_slot, params.version)
+
+    def backward(self, unit: int, params: SlotHandle, grad_slot: SlotHandle, *after: object) -> SlotHandle:
+        """Recompute unit `unit` from its kept input and backpropagate; its gradient goes to `grad_slot`."""
+        flat = self._load_flat(params, requires_grad=True)
+        named = self.spec.units[unit].layout.unflatten(flat)
+        grad_acc = torch.zeros(flat.numel(), dtype=torch.float32, device=self.device)
+        grad_in = []
+        for x, g_out in zip(self.inputs[unit], self.grad_out, strict=True):
+            differentiable = x.is_floating_point()
+            if differentiable:
+                x = x.detach().requires_grad_(True)
+            out = functional_call(self.units[unit], named, (x,))
+            wrt = [flat, x] if differentiable else [flat]
+            grads = torch.autograd.grad(out, wrt, grad_outputs=g_out)
+            grad_acc += grads[0].float()
+            if differentiable:
+                grad_in.append(grads[1])
+        self.inputs[unit] = []
+        self.grad_out = grad_in
+        return self._emit_grad(unit, grad_acc, grad_slot, params.version)
+
+    def clip_coefficient(self, max_norm: float, *after: object) -> float:
+        """The global-norm clipping coefficient of this step's gradients (call after every backward)."""
+        return clip_coefficient(max_norm, self.grad_sq)
+
+    def step_summary(self, *after: object) -> dict[str, float]:
+        return {"loss": self.loss, "grad_norm": self.grad_sq**0.5}
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def _load_flat(self, params: SlotHandle, requires_grad: bool) -> torch.Tensor:
+        src = self.ring.tensor(params)
+        # The copy is what frees the slot for reuse: on CUDA it is the H2D transfer from pinned memory.
+        flat = src.to(self.device, dtype=self.dtype, copy=True)
+        return flat.requires_grad_(requires_grad)
+
+    def _load(self, unit: int, params: SlotHandle, requires_grad: bool) -> dict[str, torch.Tensor]:
+        return self.spec.units[unit].layout.unflatten(self._load_flat(params, requires_grad))
+
+    def _emit_grad(self, unit: int, grad: torch.Tensor, slot: SlotHandle, version: int) -> SlotHandle:
+        self.grad_sq += float(grad.pow(2).sum(dtype=torch.float64))
+        handle = slot.carrying(slot.tensor, "float32", grad.numel(), version)
+        self.ring.tensor(handle).copy_(grad)  # D2H into the (pinned) ring slot; synchronous
+        return handle
+
+    def memory_report(self) -> MemoryReport:
+        return self.memory.report()
+
+    def peak_device_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return 0
+
+    def shutdown(self) -> None:
+        self.ring.close()

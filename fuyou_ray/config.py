@@ -1,0 +1,375 @@
+"""The run config: typed, validated, loaded from YAML.
+
+A run is described by one `RunConfig`, made of one small frozen dataclass per component (model, data,
+optimizer, batch, budgets, ssd, runtime). `load_config` reads YAML, applies `--set a.b=c` overrides, rejects
+unknown keys and impossible values with a `ConfigError` that names the file, the key and the fix, and resolves
+relative paths against the directory the run was started from. The resolved config is saved in the run dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the fix."""
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+
+
+def parse_size(value: object, key: str = "size") -> int:
+    """Parse a byte count such as 1073741824, '1GiB', '512 MiB' or '1.5GB' into bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like '8GiB', got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ConfigError(f"{key}: expected a size like '8GiB', '512MiB' or a byte count, got {value!r}")
+
+
+def format_size(nbytes: float) -> str:
+    """Human-readable binary size: 1536 -> '1.50 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+class Size(int):
+    """A byte count that YAML may spell as '8GiB'; stored as int bytes."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network to train. `arch: gpt` is GPT-2/GPT-3 (pre-LayerNorm, GELU MLP, learned positions)."""
+
+    arch: Literal["gpt"] = "gpt"
+    vocab_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    max_seq_len: int = 128
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training text comes from. `path: null` uses the corpus bundled with fuyou-ray."""
+
+    path: str | None = None
+    seed: int = 0
+    eval_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine (or constant) learning rate, and global-norm clipping."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Sequences per optimizer step (`global_batch`), split into `micro_batch` chunks inside each layer.
+
+    grad_accum = global_batch / micro_batch; it may be given, and must then agree.
+    """
+
+    global_batch: int = 16
+    micro_batch: int = 8
+    seq_len: int = 128
+    grad_accum: int | None = None
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch // self.micro_batch
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Memory fuyou-ray may use beyond each process's interpreter + torch baseline.
+
+    gpu_mem: the compute device's budget (on the CPU fallback, host memory of the compute actor).
+    cpu_mem: pinned ring + caches + working buffers of the host-side actors.
+    """
+
+    gpu_mem: Size = Size(2 * 1024**3)
+    cpu_mem: Size = Size(1024**3)
+
+
+@dataclass(frozen=True)
+class SSDConfig:
+    """Directories on SSDs that hold params, master weights, Adam state and gradient logs, striped."""
+
+    paths: tuple[str, ...] = ("runs/ssd",)
+    direct_io: bool = True  # O_DIRECT where the filesystem allows it
+    io_threads: int = 8
+    verify_checksums: bool = True
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the pipeline runs: device, pool size, restarts. 0 means 'derive from the machine'."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    executor: Literal["ray", "local"] = "ray"
+    optimizer_actors: int = 0
+    optimizer_threads: int = 0
+    max_restarts: int = 3
+    ray_num_cpus: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run. `run_dir` receives the resolved config, metrics and the committed manifest."""
+
+    run_dir: str = "runs/demo"
+    steps: int = 10
+    seed: int = 0
+    log_every: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    budgets: BudgetConfig = field(default_factory=BudgetConfig)
+    ssd: SSDConfig = field(default_factory=SSDConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, Size):
+        return int(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Size:
+        return Size(parse_size(value, key))
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], key)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key '{where}{unknown[0]}'; valid keys{' under ' + prefix if prefix else ''}: "
+            + ", ".join(names)
+        )
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set optimizer.lr=1e-4")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _validate(cfg: RunConfig) -> None:
+    m, b, o, bud = cfg.model, cfg.batch, cfg.optimizer, cfg.budgets
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    require(cfg.steps >= 1, "steps", f"must be >= 1, got {cfg.steps}")
+    require(cfg.log_every >= 1, "log_every", "must be >= 1")
+    require(m.vocab_size >= 2, "model.vocab_size", "must be >= 2")
+    require(m.n_layer >= 1, "model.n_layer", "must be >= 1")
+    require(m.n_head >= 1, "model.n_head", "must be >= 1")
+    require(
+        m.d_model >= 1 and m.d_model % m.n_head == 0,
+        "model.d_model",
+        f"must be a positive multiple of model.n_head ({m.n_head}), got {m.d_model}",
+    )
+    require(m.max_seq_len >= 1, "model.max_seq_len", "must be >= 1")
+    require(m.init_std > 0, "model.init_std", "must be > 0")
+    require(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+    require(b.seq_len >= 1, "batch.seq_len", "must be >= 1")
+    require(
+        b.seq_len <= m.max_seq_len,
+        "batch.seq_len",
+        f"{b.seq_len} exceeds model.max_seq_len {m.max_seq_len}; lower it or raise max_seq_len",
+    )
+    require(b.micro_batch >= 1, "batch.micro_batch", "must be >= 1")
+    require(
+        b.global_batch >= b.micro_batch and b.global_batch % b.micro_batch == 0,
+        "batch.global_batch",
+        f"must be a multiple of batch.micro_batch ({b.micro_batch}), got {b.global_batch}",
+    )
+    if b.grad_accum is not None:
+        require(
+            b.grad_accum == b.accum_steps,
+            "batch.grad_accum",
+            f"{b.grad_accum} disagrees with global_batch/micro_batch = {b.accum_steps}; drop it or fix one",
+        )
+    require(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    require(all(0 <= x < 1 for x in o.betas), "optimizer.betas", f"each must be in [0, 1), got {o.betas}")
+    require(o.eps > 0, "optimizer.eps", "must be > 0")
+    require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    require(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    require(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
+    require(o.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    require(bud.gpu_mem > 0, "budgets.gpu_mem", "must be > 0")
+    require(bud.cpu_mem > 0, "budgets.cpu_mem", "must be > 0")
+    require(len(cfg.ssd.paths) >= 1, "ssd.paths", "give at least one directory")
+    require(
+        len(set(cfg.ssd.paths)) == len(cfg.ssd.paths), "ssd.paths", "lists the same directory twice"
+    )
+    require(cfg.ssd.io_threads >= 1, "ssd.io_threads", "must be >= 1")
+    require(cfg.runtime.optimizer_actors >= 0, "runtime.optimizer_actors", "must be >= 0 (0 = auto)")
+    require(cfg.runtime.optimizer_threads >= 0, "runtime.optimizer_threads", "must be >= 0 (0 = auto)")
+    require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", "must be >= 0")
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    def absolute(p: str) -> str:
+        path = Path(os.path.expanduser(p))
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    data = cfg.data
+    if data.path is not None:
+        data = dataclasses.replace(data, path=absolute(data.path))
+    ssd = dataclasses.replace(cfg.ssd, paths=tuple(absolute(p) for p in cfg.ssd.paths))
+    return dataclasses.replace(cfg, run_dir=absolute(cfg.run_dir), data=data, ssd=ssd)
+
+
+def config_from_dict(
+    tree: Mapping[str, Any], overrides: Sequence[str] = (), base_dir: str | os.PathLike[str] | None = None
+) -> RunConfig:
+    """Build a validated RunConfig from a mapping (as read from YAML) plus `key=value` overrides."""
+    tree = _deep_copy(tree)
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    cfg = _build(RunConfig, tree, "")
+    _validate(cfg)
+    return _resolve_paths(cfg, Path(base_dir) if base_dir is not None else Path.cwd())
+
+
+def _deep_copy(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config; relative paths inside it resolve against the current directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (see configs/ for examples)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, batch:, ...)")
+    try:
+        return config_from_dict(tree, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,221 @@
+"""The driver: the training loop. The only place that knows the whole step.
+
+`train(cfg)` reads top to bottom: prepare the run dir, plan, create the ring and the actors, initialise or
+resume the store, then for each step build its schedule, run it, and record what it did. Everything a step
+changes on SSD is published by the step's commit; a run stopped at any point resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fuyou_ray.config import RunConfig, format_size, save_config
+from fuyou_ray.data import TokenDataset
+from fuyou_ray.errors import RunStateError
+from fuyou_ray.executor import ActorSetup, Executor, LocalExecutor, RayExecutor
+from fuyou_ray.models import ModelSpec
+from fuyou_ray.optim import AdamWStep, learning_rate
+from fuyou_ray.plan import Plan, check_ssd_space, make_plan
+from fuyou_ray.ring import Ring, make_spec, remove_stale_segments
+from fuyou_ray.schedule import StepInputs, build_step
+
+log = logging.getLogger("fuyou")
+
+
+@dataclass
+class StepRecord:
+    step: int  # committed step number (1-based)
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
+    tokens_per_s: float
+    tflops: float
+
+
+@dataclass
+class TrainResult:
+    """What a call to `train` did: the steps it committed and each process's memory use."""
+
+    run_dir: str
+    plan: Plan
+    start_step: int
+    final_step: int
+    steps: list[StepRecord] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    io: dict[str, int] = field(default_factory=dict)
+
+
+def model_fingerprint(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
+    """What the store must agree with to be resumed by this config."""
+    return {"model": cfg.to_dict()["model"], "param_dtype": plan.param_dtype, "seed": cfg.seed}
+
+
+def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None = None) -> TrainResult:
+    """Train (or resume) the run described by `cfg`; `stop_after` stops once that step is committed."""
+    run_dir = prepare_run_dir(cfg)
+    spec = ModelSpec(cfg.model)
+    plan = make_plan(cfg, spec)
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    data = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
+    remove_stale_segments()
+    with Ring(make_spec(plan.slot_bytes, plan.num_slots)) as ring, build_executor(
+        executor or cfg.runtime.executor, ActorSetup(cfg, plan, ring.spec)
+    ) as ex:
+        start = open_store(ex, cfg, plan, spec)
+        result = TrainResult(str(run_dir), plan, start, start)
+        last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+        with _progress(start, cfg.steps) as progress, open(run_dir / "metrics.jsonl", "a") as metrics:
+            for step in range(start, last):
+                record = run_step(ex, cfg, plan, spec, data, step)
+                result.steps.append(record)
+                result.final_step = record.step
+                metrics.write(json.dumps(record.__dict__) + "\n")
+                metrics.flush()
+                progress(record)
+        result.memory = [r.__dict__ | {"peak_above_baseline": r.peak_above_baseline} for r in _memory(ex)]
+        result.io = ex.get(ex.call("ssd", "stats"))
+    (run_dir / "summary.json").write_text(json.dumps(_summary(result), indent=2))
+    return result
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunStateError(f"run_dir {run_dir} cannot be created ({exc.strerror}): fix run_dir") from exc
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def build_executor(kind: str, setup: ActorSetup) -> Executor:
+    if kind == "local":
+        return LocalExecutor(setup)
+    connect_ray(setup.config)
+    return RayExecutor(setup)
+
+
+def connect_ray(cfg: RunConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    num_cpus = cfg.runtime.ray_num_cpus or max(2, os.cpu_count() or 1)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec) -> int:
+    """Initialise a new store or check that an existing one is this run's; returns the committed step."""
+    committed, meta = ex.get(ex.call("ssd", "committed"))
+    fingerprint = model_fingerprint(cfg, plan)
+    if committed < 0:
+        check_ssd_space(cfg, plan)
+        nbytes = ex.get(ex.call("ssd", "initialize", cfg.model, cfg.seed, plan.param_dtype, fingerprint))
+        log.info("initialised %s of weights and optimizer state on SSD", format_size(nbytes))
+        return 0
+    stored = meta.get("fingerprint", {k: meta.get(k) for k in fingerprint})
+    if stored != fingerprint:
+        raise RunStateError(
+            f"the store in {cfg.ssd.paths[0]} holds a different model or dtype ({stored}) than this config "
+            f"({fingerprint}); use a new run_dir/ssd.paths or the config the run started with"
+        )
+    if committed > cfg.steps:
+        raise RunStateError(f"the store is at step {committed}, beyond steps={cfg.steps}; raise steps")
+    log.info("resuming from committed step %d", committed)
+    return int(committed)
+
+
+def run_step(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, data: TokenDataset, step: int) -> StepRecord:
+    """Run 0-based step `step` to its commit; returns what it measured."""
+    t0 = time.perf_counter()
+    batch = data.batch(step, cfg.batch.global_batch, cfg.batch.seq_len)
+    o = cfg.optimizer
+    lr = learning_rate(o, step, cfg.steps)
+    hp = AdamWStep(step + 1, lr, o.betas[0], o.betas[1], o.eps, o.weight_decay)
+    inputs = StepInputs(
+        step=step,
+        inputs=batch.inputs,
+        targets=batch.targets,
+        micro_batch=cfg.batch.micro_batch,
+        hp=hp,
+        max_grad_norm=o.max_grad_norm,
+        param_dtype=plan.param_dtype,
+        pool_size=plan.optimizer_actors,
+        commit_meta={"fingerprint": model_fingerprint(cfg, plan), "lr": lr, "data_step": step + 1},
+    )
+    sched = build_step(spec, ex.ring_spec, inputs)
+    futures = ex.run(sched)
+    summary = ex.get(futures[sched.summary])
+    ex.get(futures[sched.commit])
+    seconds = time.perf_counter() - t0
+    tokens = cfg.batch.global_batch * cfg.batch.seq_len
+    flops = spec.flops_per_token(cfg.batch.seq_len) * tokens
+    return StepRecord(
+        step=step + 1,
+        loss=summary["loss"],
+        grad_norm=summary["grad_norm"],
+        lr=lr,
+        seconds=seconds,
+        tokens_per_s=tokens / seconds,
+        tflops=flops / seconds / 1e12,
+    )
+
+
+def _memory(ex: Executor) -> list[Any]:
+    return [ex.get(ex.call(role, "memory_report")) for role in ex.roles]
+
+
+def _summary(result: TrainResult) -> dict[str, Any]:
+    return {
+        "run_dir": result.run_dir,
+        "start_step": result.start_step,
+        "final_step": result.final_step,
+        "plan": result.plan.to_dict(),
+        "memory": result.memory,
+        "io": result.io,
+        "last_loss": result.steps[-1].loss if result.steps else None,
+    }
+
+
+@contextlib.contextmanager
+def _progress(start: int, total: int) -> Iterator[Any]:
+    """A tqdm bar on a terminal; one plain line per step in logs (ray job logs, CI)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+        def update(r: StepRecord) -> None:
+            bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{r.tokens_per_s:,.0f}", tflops=f"{r.tflops:.3f}")
+            bar.update(1)
+
+        try:
+            yield update
+        finally:
+            bar.close()
+    else:
+
+        def line(r: StepRecord) -> None:
+            loss = f"{r.loss:.4f}" if math.isfinite(r.loss) else str(r.loss)
+            print(
+                f"step {r.step}/{total} loss {loss} grad_norm {r.grad_norm:.3f} lr {r.lr:.2e} "
+                f"{r.seconds:.2f}s {r.tokens_per_s:,.0f} tok/s {r.tflops:.4f} TFLOPS",
+                flush=True,
+            )
+
+        yield line

@@ -1,0 +1,62 @@
+"""The in-memory reference: the same model trained the plain way, for equivalence checks.
+
+`ReferenceModel` + `torch.optim.AdamW` + `clip_grad_norm_` + gradient accumulation over micro-batches, on
+the same batches and learning rates as a fuyou-ray run. Tests (and the GPU check) compare against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fuyou_ray.config import RunConfig
+from fuyou_ray.data import TokenDataset
+from fuyou_ray.models import ModelSpec, ReferenceModel, lm_loss
+from fuyou_ray.optim import learning_rate
+
+
+@dataclass
+class ReferenceRun:
+    model: ReferenceModel
+    losses: list[float]
+
+    def unit_weights(self) -> list[torch.Tensor]:
+        return [self.model.flat_unit(i) for i in range(self.model.spec.num_units)]
+
+
+def train_reference(
+    cfg: RunConfig, steps: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> ReferenceRun:
+    """Train the plain model for `steps` steps of `cfg`'s schedule; params in `dtype` on `device`.
+
+    With dtype bf16 the weights themselves are bf16 (no fp32 master): the usual pure-bf16 baseline.
+    """
+    spec = ModelSpec(cfg.model)
+    model = ReferenceModel(spec, cfg.seed).to(device=device, dtype=dtype)
+    data = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=o.betas,
+        eps=o.eps,
+    )
+    losses = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(o, step, cfg.steps)
+        batch = data.batch(step, cfg.batch.global_batch, cfg.batch.seq_len)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for x, y in batch.micro_batches(cfg.batch.micro_batch):
+            loss = lm_loss(model(x.to(device)), y.to(device)) / cfg.batch.accum_steps
+            loss.backward()
+            total += float(loss)
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+        opt.step()
+        losses.append(total)
+    return ReferenceRun(model, losses)

@@ -1,0 +1,219 @@
+"""One training step as data: a list of operations on the actors, with their dependencies.
+
+The driver never hard-codes the order of calls: `build_step` writes the step down as `Op`s - which actor,
+which method, which arguments (some of them `Ref`s to earlier ops' results) and which earlier ops must be
+finished first - and an executor runs the list, through Ray actors or in process. Because every dependency
+points backwards in the list, each actor receives its calls in an order that can never deadlock, and Ray
+resolves the dependencies itself: no driver round trip between layers.
+
+Ring slots are handed out round robin; a slot's next producer lists the slot's previous consumers among
+its dependencies, so a slot is never overwritten before its consumer is done.
+
+The step, with L units (embedding, blocks, head):
+1. forward: for u < L-1: read P_u into a slot, forward(u) on the whole batch
+2. head: read P_{L-1}, forward + loss + backward of the head, G_{L-1} into a slot
+3. backward: for u = L-2 .. 0: read P_u, recompute + backward(u), G_u into a slot
+4. optimizer, per unit: read W, m, v (and G when it was logged), AdamW over the pool's element ranges,
+   writing the new P into a slot, then write W, m, v, P back.
+   - exact clipping (max_grad_norm > 0): every G is logged to SSD during backward, because the clipping
+     coefficient needs all of them; the optimizer runs after the last backward.
+   - no clipping: optimizer(u) consumes G_u straight from the ring, overlapping backward(u-1) (Fuyou).
+5. commit the step (manifest), after every write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fuyou_ray.models import ModelSpec
+from fuyou_ray.optim import AdamWStep, shard_ranges
+from fuyou_ray.records import RecordKind, record_name
+from fuyou_ray.ring import RingSpec, SlotHandle
+
+MIN_SLOTS = 5  # the optimizer of one unit holds W, m, v, G and the new P at once
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument that is the result of op `op`."""
+
+    op: int
+
+
+@dataclass(frozen=True)
+class Op:
+    """One actor call of a step. `after` lists ops that must finish first (passed as extra arguments)."""
+
+    id: int
+    actor: str  # "gpu", "ssd" or "opt<k>"
+    method: str
+    args: tuple[Any, ...]
+    after: tuple[int, ...] = ()
+    phase: str = ""  # forward / backward / optimizer / commit: for timelines and the simulator
+    unit: int = -1
+    nbytes: int = 0  # bytes this op moves (I/O) or elements it updates (optimizer)
+
+
+@dataclass
+class StepSchedule:
+    """The ops of one step and which of them the driver waits for at the end."""
+
+    ops: list[Op] = field(default_factory=list)
+    commit: int = -1
+    summary: int = -1
+
+    def add(self, actor: str, method: str, *args: Any, after: Sequence[int] = (), **info: Any) -> int:
+        op = Op(len(self.ops), actor, method, tuple(args), tuple(sorted(set(after))), **info)
+        self.ops.append(op)
+        return op.id
+
+
+class _Slots:
+    """Round-robin slot assignment that records, per slot, the ops that must finish before reuse."""
+
+    def __init__(self, ring: RingSpec) -> None:
+        if ring.num_slots < MIN_SLOTS:
+            raise ValueError(f"the ring needs at least {MIN_SLOTS} slots, has {ring.num_slots}")
+        self.ring = ring
+        self.next = 0
+        self.fences: dict[int, list[int]] = {}
+
+    def take(self) -> tuple[SlotHandle, list[int]]:
+        index = self.next
+        self.next = (self.next + 1) % self.ring.num_slots
+        return self.ring.slot(index), self.fences.pop(index, [])
+
+    def consumed_by(self, slot: SlotHandle, ops: Sequence[int]) -> None:
+        self.fences.setdefault(slot.slot, []).extend(ops)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What a step's schedule depends on besides the model: all known before the step starts."""
+
+    step: int  # 0-based index of the step; the committed step after it is step + 1
+    inputs: Any  # (global_batch, seq_len) tokens
+    targets: Any
+    micro_batch: int
+    hp: AdamWStep
+    max_grad_norm: float
+    param_dtype: str
+    pool_size: int
+    commit_meta: Mapping[str, Any]
+
+
+def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
+    sched = StepSchedule()
+    slots = _Slots(ring)
+    version = s.step + 1
+    last = spec.num_units - 1
+    clipping = s.max_grad_norm > 0
+    start = sched.add("gpu", "start_step", s.inputs, s.targets, s.micro_batch, phase="forward")
+    writes: list[int] = []
+    grads: dict[int, int] = {}  # unit -> op whose result is the handle of G_u in the ring
+
+    def read(unit: int, kind: RecordKind, phase: str, after: Sequence[int] = ()) -> tuple[int, SlotHandle]:
+        slot, fence = slots.take()
+        nbytes = spec.units[unit].numel * (4 if kind != RecordKind.PARAM else _itemsize(s.param_dtype))
+        op = sched.add(
+            "ssd", "read", record_name(unit, kind), slot, after=[*fence, *after], phase=phase, unit=unit,
+            nbytes=nbytes,
+        )
+        return op, slot
+
+    def write(ref: int, slot: SlotHandle, unit: int, transient: bool, after: Sequence[int], nbytes: int) -> int:
+        op = sched.add(
+            "ssd", "write", Ref(ref), version, transient, after=after, phase="optimizer", unit=unit,
+            nbytes=nbytes,
+        )
+        slots.consumed_by(slot, [op])
+        return op
+
+    # 1. forward through every unit but the head
+    for u in range(last):
+        r, slot = read(u, RecordKind.PARAM, "forward")
+        f = sched.add("gpu", "forward", u, Ref(r), after=[start], phase="forward", unit=u)
+        slots.consumed_by(slot, [f])
+
+    # 2-3. head (forward + backward), then backward of the rest, in reverse
+    for u in range(last, -1, -1):
+        r, p_slot = read(u, RecordKind.PARAM, "backward")
+        g_slot, fence = slots.take()
+        g_slot = g_slot.carrying(record_name(u, RecordKind.GRAD), "float32", spec.units[u].numel, version)
+        method = "head" if u == last else "backward"
+        b = sched.add("gpu", method, u, Ref(r), g_slot, after=[start, *fence], phase="backward", unit=u)
+        slots.consumed_by(p_slot, [b])
+        if clipping:
+            writes.append(write(b, g_slot, u, True, [], spec.units[u].numel * 4))
+            grads[u] = writes[-1]
+        else:
+            grads[u] = b
+            _optimizer(sched, slots, spec, s, u, Ref(b), g_slot, 1.0, read, write, writes)
+
+    # 4. with exact clipping: the coefficient from every gradient, then the optimizer unit by unit
+    if clipping:
+        coef = sched.add("gpu", "clip_coefficient", s.max_grad_norm, after=list(grads.values()), phase="optimizer")
+        for u in range(last, -1, -1):
+            g_read, g_slot = read(u, RecordKind.GRAD, "optimizer", after=[grads[u]])
+            _optimizer(sched, slots, spec, s, u, Ref(g_read), g_slot, Ref(coef), read, write, writes)
+
+    # 5. commit after every write
+    sched.summary = sched.add("gpu", "step_summary", after=[start], phase="commit")
+    # The commit takes the step's summary so it can refuse to publish a step whose loss is not finite.
+    sched.commit = sched.add(
+        "ssd", "commit", version, dict(s.commit_meta), Ref(sched.summary), after=writes, phase="commit"
+    )
+    return sched
+
+
+def _optimizer(
+    sched: StepSchedule,
+    slots: _Slots,
+    spec: ModelSpec,
+    s: StepInputs,
+    u: int,
+    grad: Ref,
+    g_slot: SlotHandle,
+    grad_scale: float | Ref,
+    read: Any,
+    write: Any,
+    writes: list[int],
+) -> None:
+    unit = spec.units[u]
+    state = {}
+    for kind in (RecordKind.MASTER, RecordKind.EXP_AVG, RecordKind.EXP_AVG_SQ):
+        state[kind] = read(u, kind, "optimizer")
+    p_slot, fence = slots.take()
+    p_out = p_slot.carrying(record_name(u, RecordKind.PARAM), s.param_dtype, unit.numel, s.step + 1)
+    deps = [op for op, _ in state.values()] + [grad.op, *fence]
+    if isinstance(grad_scale, Ref):
+        deps.append(grad_scale.op)
+    updates = []
+    for k, (lo, hi) in enumerate(shard_ranges(unit.numel, s.pool_size)):
+        updates.append(
+            sched.add(
+                f"opt{k}", "update",
+                Ref(state[RecordKind.MASTER][0]), grad, Ref(state[RecordKind.EXP_AVG][0]),
+                Ref(state[RecordKind.EXP_AVG_SQ][0]), p_out, lo, hi, unit.layout.decay_numel, s.hp, grad_scale,
+                after=deps, phase="optimizer", unit=u, nbytes=hi - lo,
+            )
+        )
+    slots.consumed_by(g_slot, updates)
+    for kind, (op, slot) in state.items():
+        writes.append(write(op, slot, u, False, updates, unit.numel * 4))
+    p_bytes = unit.numel * _itemsize(s.param_dtype)
+    writes.append(_write_new_params(sched, slots, p_out, u, s.step + 1, updates, p_bytes))
+
+
+def _write_new_params(
+    sched: StepSchedule, slots: _Slots, p_out: SlotHandle, u: int, version: int, after: list[int], nbytes: int
+) -> int:
+    op = sched.add("ssd", "write", p_out, version, False, after=after, phase="optimizer", unit=u, nbytes=nbytes)
+    slots.consumed_by(p_out, [op])
+    return op
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
