@@ -8,7 +8,7 @@ from torch.func import functional_call
 from actors.common import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.config import ModelConfig
 from fuyou_ray.models import ModelSpec, lm_loss
-from fuyou_ray.optim import clip_coefficient
+from fuyou_ray.optim import clip_coefficient, parameter_norms, total_grad_norm
 from fuyou_ray.ring import DTYPES, RingMapping, RingSpec, SlotHandle
 
 
@@ -32,6 +32,8 @@ class GPUComputeActor:
         self.dtype = DTYPES[compute_dtype]
         self.spec = ModelSpec(model)
         self.units = [self.spec.build_unit(u.index, "meta") for u in self.spec.units]
+        # Parameter names of each unit in module order: the order clip_grad_norm_ stacks norms in.
+        self.param_order = [[n for n, _ in m.named_parameters()] for m in self.units]
         self.ring = RingMapping(ring)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -41,7 +43,7 @@ class GPUComputeActor:
         self.targets: list[torch.Tensor] = []
         self.accum = 1
         self.loss = 0.0
-        self.grad_sq = 0.0
+        self.norms: dict[int, list[torch.Tensor]] = {}
         self.log.info("compute on %s in %s, %d units", self.device, compute_dtype, len(self.units))
 
     # ---------------------------------------------------------------------------------------- the step
@@ -55,7 +57,7 @@ class GPUComputeActor:
         self.accum = len(self.targets)
         self.grad_out = []
         self.loss = 0.0
-        self.grad_sq = 0.0
+        self.norms = {}
         return self.accum
 
     def forward(self, unit: int, params: SlotHandle, *after: object) -> int:
@@ -107,10 +109,13 @@ class GPUComputeActor:
 
     def clip_coefficient(self, max_norm: float, *after: object) -> float:
         """The global-norm clipping coefficient of this step's gradients (call after every backward)."""
-        return clip_coefficient(max_norm, self.grad_sq)
+        return clip_coefficient(max_norm, self._total_norm())
 
     def step_summary(self, *after: object) -> dict[str, float]:
-        return {"loss": self.loss, "grad_norm": self.grad_sq**0.5}
+        return {"loss": self.loss, "grad_norm": float(self._total_norm())}
+
+    def _total_norm(self) -> torch.Tensor:
+        return total_grad_norm([n for unit in sorted(self.norms) for n in self.norms[unit]])
 
     # ---------------------------------------------------------------------------------------- helpers
 
@@ -124,7 +129,8 @@ class GPUComputeActor:
         return self.spec.units[unit].layout.unflatten(self._load_flat(params, requires_grad))
 
     def _emit_grad(self, unit: int, grad: torch.Tensor, slot: SlotHandle, version: int) -> SlotHandle:
-        self.grad_sq += float(grad.pow(2).sum(dtype=torch.float64))
+        named = self.spec.units[unit].layout.unflatten(grad)
+        self.norms[unit] = parameter_norms([named[n] for n in self.param_order[unit]])
         handle = slot.carrying(slot.tensor, "float32", grad.numel(), version)
         self.ring.tensor(handle).copy_(grad)  # D2H into the (pinned) ring slot; synchronous
         return handle

@@ -40,16 +40,28 @@ def learning_rate(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def clip_coefficient(max_norm: float, sum_of_squares: float) -> float:
-    """torch.nn.utils.clip_grad_norm_'s coefficient from the total squared gradient norm (1.0 = no-op)."""
+def parameter_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-parameter L2 norms, computed as torch.nn.utils.clip_grad_norm_ computes them (fp32, foreach)."""
+    return list(torch._foreach_norm([g.contiguous() for g in grads], 2.0))
+
+
+def total_grad_norm(norms: list[torch.Tensor]) -> torch.Tensor:
+    """The global norm from per-parameter norms, in the model's parameter order (as clip_grad_norm_)."""
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+
+
+def clip_coefficient(max_norm: float, total_norm: torch.Tensor) -> float:
+    """clip_grad_norm_'s coefficient, with its fp32 arithmetic (1.0 = no-op; 0 disables clipping).
+
+    Computing the norm and the coefficient exactly as torch does keeps clipped runs bit-identical to
+    the in-memory reference instead of 1 ulp apart (Adam's early steps amplify such differences).
+    """
     if max_norm <= 0:
         return 1.0
-    total_norm = math.sqrt(sum_of_squares)
-    return min(1.0, max_norm / (total_norm + 1e-6))
-
-
-def grad_sum_of_squares(grad: torch.Tensor) -> float:
-    return float(grad.float().pow(2).sum(dtype=torch.float64))
+    coef = max_norm / (total_norm.float().cpu() + 1e-6)
+    return float(torch.clamp(coef, max=1.0))
 
 
 def adamw_update_(
