@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.common import MemoryMeter, MemoryReport, setup_logging
+from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.optim import AdamWStep, adamw_update_
 from fuyou_ray.ring import RingMapping, RingSpec, SlotHandle
 
@@ -49,6 +49,9 @@ class CPUOptimizerActor:
 
     def memory_report(self) -> MemoryReport:
         return self.memory.report()
+
+    def reset_memory_baseline(self) -> None:
+        self.memory.reset()
 
     def shutdown(self) -> None:
         self.ring.close()

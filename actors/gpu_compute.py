@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from actors.common import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.config import ModelConfig
+from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.models import ModelSpec, lm_loss
 from fuyou_ray.optim import clip_coefficient, parameter_norms, total_grad_norm
 from fuyou_ray.ring import DTYPES, RingMapping, RingSpec, SlotHandle
@@ -137,6 +137,9 @@ class GPUComputeActor:
 
     def memory_report(self) -> MemoryReport:
         return self.memory.report()
+
+    def reset_memory_baseline(self) -> None:
+        self.memory.reset()
 
     def peak_device_bytes(self) -> int:
         if self.device.type == "cuda":

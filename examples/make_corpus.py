@@ -32,7 +32,8 @@ def sentence(rng: random.Random) -> str:
         a, b = rng.randrange(1, 50), rng.randrange(1, 50)
         return f"{n} had {a} {THINGS[t]} and {m} brought {b} more, so {n} had {a + b} {THINGS[t]}."
     if kind == 2:
-        return f"On {rng.choice(DAYS)} there was {rng.choice(WEATHER)}, and {n} stayed near {rng.choice(PLACES)}."
+        day, weather, place = rng.choice(DAYS), rng.choice(WEATHER), rng.choice(PLACES)
+        return f"On {day} there was {weather}, and {n} stayed near {place}."
     if kind == 3:
         a, b = rng.randrange(2, 13), rng.randrange(2, 13)
         return f"{a} times {b} is {a * b}."
@@ -47,7 +48,9 @@ def sentence(rng: random.Random) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kib", type=int, default=256)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(Path(__file__).parent.parent / "fuyou_ray/assets/corpus.txt"))

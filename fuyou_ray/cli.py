@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ray (default): actors in Ray; local: everything in this process (debugging)",
     )
-    p.add_argument("--dry-run", action="store_true", help="validate the config, print the plan, start nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate the config, print the plan, start nothing"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fuyou-ray: interrupted; the run resumes from its last committed step", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - map known errors to one line and an exit code
+    except Exception as exc:
         cause = _root_cause(exc)
         for cls, code in EXIT_CODES:
             if isinstance(cause, cls):

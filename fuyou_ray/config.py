@@ -8,7 +8,9 @@ relative paths against the directory the run was started from. The resolved conf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import re
 import types
@@ -218,7 +220,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            section = getattr(tp, "__name__", tp)
+            raise ConfigError(f"{key}: expected a mapping of {section} fields, got {value!r}")
         return _build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
@@ -231,6 +234,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads exponents without a dot, such as 1e-4, as strings.
+            with contextlib.suppress(ValueError):
+                number = float(value)
+                if math.isfinite(number):
+                    return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -288,6 +297,7 @@ def _validate(cfg: RunConfig) -> None:
     )
     require(m.max_seq_len >= 1, "model.max_seq_len", "must be >= 1")
     require(m.init_std > 0, "model.init_std", "must be > 0")
+    require(m.layer_norm_eps > 0, "model.layer_norm_eps", "must be > 0")
     require(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
     require(b.seq_len >= 1, "batch.seq_len", "must be >= 1")
     require(
@@ -317,9 +327,7 @@ def _validate(cfg: RunConfig) -> None:
     require(bud.gpu_mem > 0, "budgets.gpu_mem", "must be > 0")
     require(bud.cpu_mem > 0, "budgets.cpu_mem", "must be > 0")
     require(len(cfg.ssd.paths) >= 1, "ssd.paths", "give at least one directory")
-    require(
-        len(set(cfg.ssd.paths)) == len(cfg.ssd.paths), "ssd.paths", "lists the same directory twice"
-    )
+    require(len(set(cfg.ssd.paths)) == len(cfg.ssd.paths), "ssd.paths", "lists the same directory twice")
     require(cfg.ssd.io_threads >= 1, "ssd.io_threads", "must be >= 1")
     require(cfg.runtime.optimizer_actors >= 0, "runtime.optimizer_actors", "must be >= 0 (0 = auto)")
     require(cfg.runtime.optimizer_threads >= 0, "runtime.optimizer_threads", "must be >= 0 (0 = auto)")
@@ -335,6 +343,9 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     if data.path is not None:
         data = dataclasses.replace(data, path=absolute(data.path))
     ssd = dataclasses.replace(cfg.ssd, paths=tuple(absolute(p) for p in cfg.ssd.paths))
+    if len(set(ssd.paths)) != len(ssd.paths):
+        # Checked again after resolution: 'ssd' and './ssd' are the same directory.
+        raise ConfigError(f"ssd.paths: lists the same directory twice once resolved: {list(ssd.paths)}")
     return dataclasses.replace(cfg, run_dir=absolute(cfg.run_dir), data=data, ssd=ssd)
 
 

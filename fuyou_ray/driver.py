@@ -23,11 +23,13 @@ from fuyou_ray.config import RunConfig, format_size, save_config
 from fuyou_ray.data import TokenDataset
 from fuyou_ray.errors import RunStateError
 from fuyou_ray.executor import ActorSetup, Executor, LocalExecutor, RayExecutor
+from fuyou_ray.memory import MemoryMeter
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.optim import AdamWStep, learning_rate
 from fuyou_ray.plan import Plan, check_ssd_space, make_plan
 from fuyou_ray.ring import Ring, make_spec, remove_stale_segments
 from fuyou_ray.schedule import StepInputs, build_step
+from fuyou_ray.store import check_ssd_path
 
 log = logging.getLogger("fuyou")
 
@@ -63,16 +65,23 @@ def model_fingerprint(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
 
 def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None = None) -> TrainResult:
     """Train (or resume) the run described by `cfg`; `stop_after` stops once that step is committed."""
-    run_dir = prepare_run_dir(cfg)
+    meter = MemoryMeter("driver")
+    # Everything that can be checked is checked before anything is written.
     spec = ModelSpec(cfg.model)
     plan = make_plan(cfg, spec)
-    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     data = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
+    for path in cfg.ssd.paths:
+        check_ssd_path(path)
+    run_dir = prepare_run_dir(cfg)
     remove_stale_segments()
-    with Ring(make_spec(plan.slot_bytes, plan.num_slots)) as ring, build_executor(
-        executor or cfg.runtime.executor, ActorSetup(cfg, plan, ring.spec)
-    ) as ex:
+    with (
+        Ring(make_spec(plan.slot_bytes, plan.num_slots)) as ring,
+        build_executor(executor or cfg.runtime.executor, ActorSetup(cfg, plan, ring.spec)) as ex,
+    ):
         start = open_store(ex, cfg, plan, spec)
+        # Written only once the store has accepted this config: a refused start changes nothing.
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
         result = TrainResult(str(run_dir), plan, start, start)
         last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         with _progress(start, cfg.steps) as progress, open(run_dir / "metrics.jsonl", "a") as metrics:
@@ -83,7 +92,8 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
                 metrics.write(json.dumps(record.__dict__) + "\n")
                 metrics.flush()
                 progress(record)
-        result.memory = [r.__dict__ | {"peak_above_baseline": r.peak_above_baseline} for r in _memory(ex)]
+        reports = [*_memory(ex), meter.report()]
+        result.memory = [r.__dict__ | {"peak_above_baseline": r.peak_above_baseline} for r in reports]
         result.io = ex.get(ex.call("ssd", "stats"))
     (run_dir / "summary.json").write_text(json.dumps(_summary(result), indent=2))
     return result
@@ -95,7 +105,6 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunStateError(f"run_dir {run_dir} cannot be created ({exc.strerror}): fix run_dir") from exc
-    save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
 
@@ -125,7 +134,7 @@ def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec) -> int
     fingerprint = model_fingerprint(cfg, plan)
     if committed < 0:
         check_ssd_space(cfg, plan)
-        nbytes = ex.get(ex.call("ssd", "initialize", cfg.model, cfg.seed, plan.param_dtype, fingerprint))
+        nbytes = ex.get(ex.call("ssd", "initialize", cfg.seed, plan.param_dtype, fingerprint))
         log.info("initialised %s of weights and optimizer state on SSD", format_size(nbytes))
         return 0
     stored = meta.get("fingerprint", {k: meta.get(k) for k in fingerprint})
@@ -140,7 +149,9 @@ def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec) -> int
     return int(committed)
 
 
-def run_step(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, data: TokenDataset, step: int) -> StepRecord:
+def run_step(
+    ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, data: TokenDataset, step: int
+) -> StepRecord:
     """Run 0-based step `step` to its commit; returns what it measured."""
     t0 = time.perf_counter()
     batch = data.batch(step, cfg.batch.global_batch, cfg.batch.seq_len)

@@ -9,6 +9,7 @@ a round trip through the driver. `LocalExecutor` calls the methods directly, in 
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,13 +43,18 @@ def construct(role: str, setup: ActorSetup) -> tuple[type, tuple[Any, ...]]:
     if role == "gpu":
         return GPUComputeActor, (cfg.model, setup.ring, plan.device, plan.param_dtype)
     if role == "ssd":
-        return SSDIOActor, (cfg.ssd, setup.ring)
+        return SSDIOActor, (cfg.ssd, setup.ring, cfg.model)
     if role.startswith("opt"):
         return CPUOptimizerActor, (setup.ring, int(role[3:]), plan.optimizer_threads)
     raise ValueError(f"unknown actor role {role!r}")
 
 
 ROLE_NAMES = {"gpu": "gpu-compute", "ssd": "ssd-io"}
+
+# glibc raises its mmap threshold after large frees, after which unit-sized buffers come from the heap
+# and stay resident once freed; a fixed threshold keeps every large buffer mmap'd, so memory goes back to
+# the OS when fuyou-ray lets go of it and a long run's RSS does not creep past its budget.
+ACTOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 def display_name(role: str) -> str:
@@ -132,6 +138,7 @@ class RayExecutor(Executor):
                 "name": display_name(role),
                 "max_restarts": cfg.runtime.max_restarts,
                 "num_cpus": 0,
+                "runtime_env": {"env_vars": dict(ACTOR_ENV)},
             }
             if role == "gpu":
                 options["num_gpus"] = 1 if plan.device == "cuda" else 0
@@ -139,13 +146,16 @@ class RayExecutor(Executor):
                 options["max_concurrency"] = 4  # reads and writes of different slots run at once
             else:
                 # Ray sets OMP_NUM_THREADS from num_cpus; the actor also sets torch's thread count itself.
-                options["num_cpus"] = plan.optimizer_threads if _cluster_cpus(ray) >= plan.optimizer_threads else 0
+                options["num_cpus"] = (
+                    plan.optimizer_threads if _cluster_cpus(ray) >= plan.optimizer_threads else 0
+                )
             self.handles[role] = ray.remote(cls).options(**options).remote(*args)
         # Fail fast (with the actor's own error) if a constructor raised.
         deadline = time.monotonic() + ready_timeout_s
-        for role, handle in self.handles.items():
+        for handle in self.handles.values():
             ray.get(handle.__ray_ready__.remote(), timeout=max(1.0, deadline - time.monotonic()))
-            del role
+        # Memory is accounted from here: the workers have started their own threads and buffers.
+        ray.get([h.reset_memory_baseline.remote() for h in self.handles.values()])
 
     def call(self, role: str, method: str, *args: Any) -> Any:
         return getattr(self.handles[role], method).remote(*args)
@@ -155,10 +165,9 @@ class RayExecutor(Executor):
 
     def shutdown(self) -> None:
         for handle in self.handles.values():
-            try:
+            # A dead actor has nothing left to close; kill it regardless.
+            with contextlib.suppress(Exception):
                 self.ray.get(handle.shutdown.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
-                pass
             self.ray.kill(handle, no_restart=True)
         self.handles.clear()
 

@@ -47,13 +47,17 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
     cfg = load_run_config(run_dir)
     spec = ModelSpec(cfg.model)
     manifest_path = Path(cfg.ssd.paths[0]) / "fuyou-store" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"step": -1, "records": []}
+    manifest: dict[str, Any] = {"step": -1, "records": []}
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
     metrics_path = Path(run_dir) / "metrics.jsonl"
     lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
     stored = sum(-(-r["nbytes"] // 4096) * 4096 for r in manifest["records"])
     return {
         "run_dir": str(run_dir),
-        "model": f"{cfg.model.arch} {spec.numel:,} params, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}",
+        "model": (
+            f"{cfg.model.arch} {spec.numel:,} params, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}"
+        ),
         "committed_step": manifest["step"],
         "target_steps": cfg.steps,
         "records": len(manifest["records"]),

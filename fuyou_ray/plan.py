@@ -20,6 +20,7 @@ from fuyou_ray.models import ModelSpec
 from fuyou_ray.schedule import MIN_SLOTS
 from fuyou_ray.store import align_up
 
+WORKING_SLOTS = 2  # slot-sized working buffers a process may hold outside the ring
 MAX_USEFUL_SLOTS = 24  # beyond this the ring only adds prefetch the pipeline cannot use yet
 
 
@@ -71,14 +72,17 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
     largest = max(spec.units, key=lambda u: u.numel)
     slot_bytes = align_up(largest.numel * 4)
 
-    min_ring = MIN_SLOTS * slot_bytes
-    if cfg.budgets.cpu_mem < min_ring:
+    # Besides the ring, a process may hold WORKING_SLOTS slot-sized buffers (staging, temporaries).
+    min_cpu = (MIN_SLOTS + WORKING_SLOTS) * slot_bytes
+    if cfg.budgets.cpu_mem < min_cpu:
         raise BudgetError(
-            f"budgets.cpu_mem = {format_size(cfg.budgets.cpu_mem)} is too small for one layer: the largest unit "
-            f"({largest.name}, {largest.numel:,} params) needs {MIN_SLOTS} ring slots of "
-            f"{format_size(slot_bytes)} = {format_size(min_ring)}; raise budgets.cpu_mem to at least that"
+            f"budgets.cpu_mem = {format_size(cfg.budgets.cpu_mem)} is too small for one layer: "
+            "the largest unit "
+            f"({largest.name}, {largest.numel:,} params) needs {MIN_SLOTS} ring slots plus {WORKING_SLOTS} "
+            f"working buffers of {format_size(slot_bytes)} = {format_size(min_cpu)}; raise budgets.cpu_mem "
+            "to at least that"
         )
-    num_slots = int(min(cfg.budgets.cpu_mem // slot_bytes, MAX_USEFUL_SLOTS))
+    num_slots = int(min(cfg.budgets.cpu_mem // slot_bytes - WORKING_SLOTS, MAX_USEFUL_SLOTS))
 
     device_bytes = estimate_device_bytes(cfg, spec, dtype_bytes)
     if device_bytes > cfg.budgets.gpu_mem:

@@ -123,7 +123,8 @@ class Ring:
         if free is not None and free < spec.total_bytes:
             raise RingError(
                 f"/dev/shm has {free / 2**20:.0f} MiB free but the ring needs "
-                f"{spec.total_bytes / 2**20:.0f} MiB: enlarge /dev/shm (docker --shm-size) or lower budgets.cpu_mem"
+                f"{spec.total_bytes / 2**20:.0f} MiB: enlarge /dev/shm (docker --shm-size) or lower "
+                "budgets.cpu_mem"
             )
         try:
             for seg, nbytes in spec.segments:
@@ -141,6 +142,7 @@ class Ring:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self._paths = []
+        atexit.unregister(self.close)  # the hook would otherwise keep every closed Ring alive
 
     def __enter__(self) -> Ring:
         return self
@@ -226,7 +228,7 @@ def _shm_free_bytes() -> int | None:
 
 def remove_stale_segments() -> list[str]:
     """Remove ring segments left by dead processes (a crashed or killed driver). Returns their names."""
-    removed = []
+    removed: list[str] = []
     if not SHM_DIR.is_dir():
         return removed
     for path in SHM_DIR.glob(f"{PREFIX}-*"):

@@ -118,14 +118,29 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         slot, fence = slots.take()
         nbytes = spec.units[unit].numel * (4 if kind != RecordKind.PARAM else _itemsize(s.param_dtype))
         op = sched.add(
-            "ssd", "read", record_name(unit, kind), slot, after=[*fence, *after], phase=phase, unit=unit,
+            "ssd",
+            "read",
+            record_name(unit, kind),
+            slot,
+            after=[*fence, *after],
+            phase=phase,
+            unit=unit,
             nbytes=nbytes,
         )
         return op, slot
 
-    def write(ref: int, slot: SlotHandle, unit: int, transient: bool, after: Sequence[int], nbytes: int) -> int:
+    def write(
+        ref: int, slot: SlotHandle, unit: int, transient: bool, after: Sequence[int], nbytes: int
+    ) -> int:
         op = sched.add(
-            "ssd", "write", Ref(ref), version, transient, after=after, phase="optimizer", unit=unit,
+            "ssd",
+            "write",
+            Ref(ref),
+            version,
+            transient,
+            after=after,
+            phase="optimizer",
+            unit=unit,
             nbytes=nbytes,
         )
         slots.consumed_by(slot, [op])
@@ -154,7 +169,9 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
 
     # 4. with exact clipping: the coefficient from every gradient, then the optimizer unit by unit
     if clipping:
-        coef = sched.add("gpu", "clip_coefficient", s.max_grad_norm, after=list(grads.values()), phase="optimizer")
+        coef = sched.add(
+            "gpu", "clip_coefficient", s.max_grad_norm, after=list(grads.values()), phase="optimizer"
+        )
         for u in range(last, -1, -1):
             g_read, g_slot = read(u, RecordKind.GRAD, "optimizer", after=[grads[u]])
             _optimizer(sched, slots, spec, s, u, Ref(g_read), g_slot, Ref(coef), read, write, writes)
@@ -194,14 +211,26 @@ def _optimizer(
     for k, (lo, hi) in enumerate(shard_ranges(unit.numel, s.pool_size)):
         updates.append(
             sched.add(
-                f"opt{k}", "update",
-                Ref(state[RecordKind.MASTER][0]), grad, Ref(state[RecordKind.EXP_AVG][0]),
-                Ref(state[RecordKind.EXP_AVG_SQ][0]), p_out, lo, hi, unit.layout.decay_numel, s.hp, grad_scale,
-                after=deps, phase="optimizer", unit=u, nbytes=hi - lo,
+                f"opt{k}",
+                "update",
+                Ref(state[RecordKind.MASTER][0]),
+                grad,
+                Ref(state[RecordKind.EXP_AVG][0]),
+                Ref(state[RecordKind.EXP_AVG_SQ][0]),
+                p_out,
+                lo,
+                hi,
+                unit.layout.decay_numel,
+                s.hp,
+                grad_scale,
+                after=deps,
+                phase="optimizer",
+                unit=u,
+                nbytes=hi - lo,
             )
         )
     slots.consumed_by(g_slot, updates)
-    for kind, (op, slot) in state.items():
+    for op, slot in state.values():
         writes.append(write(op, slot, u, False, updates, unit.numel * 4))
     p_bytes = unit.numel * _itemsize(s.param_dtype)
     writes.append(_write_new_params(sched, slots, p_out, u, s.step + 1, updates, p_bytes))
@@ -210,7 +239,9 @@ def _optimizer(
 def _write_new_params(
     sched: StepSchedule, slots: _Slots, p_out: SlotHandle, u: int, version: int, after: list[int], nbytes: int
 ) -> int:
-    op = sched.add("ssd", "write", p_out, version, False, after=after, phase="optimizer", unit=u, nbytes=nbytes)
+    op = sched.add(
+        "ssd", "write", p_out, version, False, after=after, phase="optimizer", unit=u, nbytes=nbytes
+    )
     slots.consumed_by(p_out, [op])
     return op
 

@@ -95,9 +95,10 @@ class TensorRecord:
     nbytes: int  # logical bytes (numel * itemsize)
     version: int
     stripes: tuple[Stripe, ...]
-    chunk_crcs: tuple[int, ...]  # CRC-32 of each CHUNK_BYTES chunk of the logical bytes
+    chunk_crcs: tuple[int, ...]  # CRC-32 of the logical bytes of each chunk_bytes chunk of each stripe
     state: RecordState = RecordState.STAGED
     transient: bool = False  # e.g. a step's gradient log: never part of a committed manifest
+    chunk_bytes: int = CHUNK_BYTES  # the chunking of chunk_crcs (the store may reopen with another)
 
     @property
     def padded_nbytes(self) -> int:
@@ -123,6 +124,7 @@ class TensorRecord:
             chunk_crcs=tuple(d["chunk_crcs"]),
             state=RecordState(d["state"]),
             transient=d.get("transient", False),
+            chunk_bytes=d.get("chunk_bytes", CHUNK_BYTES),
         )
 
 
@@ -189,17 +191,8 @@ class SSDTensorStore:
 
     @staticmethod
     def _prepare_dir(path: Path) -> Path:
-        if path.exists() and not path.is_dir():
-            raise StorePathError(f"SSD path {path} is not a directory: fix ssd.paths")
-        try:
-            (path / STORE_DIR).mkdir(parents=True, exist_ok=True)
-            probe = path / STORE_DIR / ".write-probe"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as exc:
-            raise StorePathError(
-                f"SSD path {path} is not writable ({exc.strerror}): fix ssd.paths or its permissions"
-            ) from exc
+        check_ssd_path(path)
+        (path / STORE_DIR).mkdir(parents=True, exist_ok=True)
         return path / STORE_DIR
 
     def _load_manifest(self) -> Manifest:
@@ -217,8 +210,10 @@ class SSDTensorStore:
                 )
             records = {r["name"]: TensorRecord.from_json(r) for r in data["records"]}
             manifest = Manifest(step=int(data["step"]), records=records, meta=dict(data.get("meta", {})))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ManifestError(f"{path}: unreadable manifest ({exc}); restore it or start a new run") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ManifestError(
+                f"{path}: unreadable manifest ({exc}); restore it or start a new run"
+            ) from exc
         for rec in manifest.records.values():
             for k, stripe in enumerate(rec.stripes):
                 file = self.dirs[stripe.directory] / rec.file_name(k)
@@ -237,6 +232,17 @@ class SSDTensorStore:
             for f in d.iterdir():
                 if f.name.startswith("u") and ".v" in f.name and (index, f.name) not in keep:
                     f.unlink(missing_ok=True)
+
+    def warm_up(self) -> None:
+        """Start every I/O thread now (threads start lazily), so their stacks and malloc arenas exist
+        before memory accounting begins rather than appearing as fuyou-ray's allocations."""
+        barrier = threading.Barrier(self._pool._max_workers)
+        futures = [
+            self._pool.submit(lambda: (barrier.wait(5), zlib.crc32(bytes(ALIGN))))
+            for _ in range(self._pool._max_workers)
+        ]
+        for f in futures:
+            f.result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -300,7 +306,7 @@ class SSDTensorStore:
         for k, stripe in enumerate(rec.stripes):
             pos = 0
             while pos < stripe.nbytes:
-                size = min(self.chunk_bytes, stripe.nbytes - pos)
+                size = min(rec.chunk_bytes, stripe.nbytes - pos)
                 yield k, stripe.offset + pos, pos, size
                 pos += size
 
@@ -314,7 +320,7 @@ class SSDTensorStore:
         version: int,
         transient: bool = False,
     ) -> TensorRecord:
-        """Write the first `nbytes` of `src` (padded to 4 KiB; src must cover the padding) as a new version."""
+        """Write `numel` elements of `src` as a new version (src must cover the 4 KiB-padded size)."""
         itemsize = _itemsize(dtype)
         nbytes = numel * itemsize
         padded = align_up(nbytes)
@@ -322,7 +328,7 @@ class SSDTensorStore:
             raise ValueError(f"{name}: source buffer of {src.nbytes} B is shorter than {padded} B (padded)")
         src = src.cast("B")[:padded]
         stripes = self._stripes_for(name, padded)
-        rec = TensorRecord(name, dtype, numel, nbytes, version, stripes, ())
+        rec = TensorRecord(name, dtype, numel, nbytes, version, stripes, (), chunk_bytes=self.chunk_bytes)
         fds = [self._open(s.directory, rec.file_name(k), write=True) for k, s in enumerate(stripes)]
         try:
             for k, s in enumerate(stripes):
@@ -357,8 +363,17 @@ class SSDTensorStore:
                 os.close(fd)
         rec = replace(rec, chunk_crcs=crcs, transient=transient)
         with self._lock:
+            previous = self._staged.get(name)
             self._staged[name] = rec
             self.bytes_written += padded
+            committed = self.manifest.records.get(name)
+        # A version staged earlier in this step and now superseded: nothing will ever name its files.
+        if (
+            previous is not None
+            and previous.version != rec.version
+            and (committed is None or committed.version != previous.version)
+        ):
+            self._delete_files(previous)
         return rec
 
     def read_into(self, name: str, dest: memoryview) -> TensorRecord:
@@ -381,7 +396,8 @@ class SSDTensorStore:
                 logical = max(0, min(size, rec.nbytes - rec_off))
                 return zlib.crc32(view[:logical]) if self.verify else 0
 
-            futures = [self._pool.submit(read_chunk, *c) for c in self._chunks(rec)]
+            chunks = list(self._chunks(rec))
+            futures = [self._pool.submit(read_chunk, *c) for c in chunks]
             crcs = _results(futures, name)
         finally:
             for fd in fds:
@@ -390,7 +406,7 @@ class SSDTensorStore:
             for i, (got, want) in enumerate(zip(crcs, rec.chunk_crcs, strict=True)):
                 if got != want:
                     raise ChecksumError(
-                        f"{name} v{rec.version}: chunk {i} (bytes {i * self.chunk_bytes}..) fails its "
+                        f"{name} v{rec.version}: chunk {i} (bytes {chunks[i][1]}..) fails its "
                         f"checksum (crc {got:#x} != {want:#x}): the record is corrupted on disk"
                     )
         with self._lock:
@@ -403,7 +419,6 @@ class SSDTensorStore:
         """Publish every staged non-transient record as step `step`, atomically; drop the rest."""
         with self._lock:
             staged = dict(self._staged)
-            self._staged.clear()
         old = self.manifest
         records = dict(old.records)
         for name, rec in staged.items():
@@ -411,7 +426,13 @@ class SSDTensorStore:
                 records[name] = replace(rec, state=RecordState.COMMITTED)
         new = Manifest(step=step, records=records, meta=dict(meta))
         self._write_manifest(new)
-        self.manifest = new
+        # Forget the staged records only once they are durable: if the manifest write fails, they stay
+        # staged, so the commit can be retried (or the step discarded) instead of silently losing them.
+        with self._lock:
+            self.manifest = new
+            for name, rec in staged.items():
+                if self._staged.get(name) is rec:
+                    del self._staged[name]
         # Only now that the new manifest is durable may the superseded and transient files go.
         for name, rec in old.records.items():
             if records[name].version != rec.version:
@@ -492,6 +513,22 @@ def _supports_o_direct(directory: Path) -> bool:
         os.close(fd)
         with contextlib.suppress(OSError):
             probe.unlink()
+
+
+def check_ssd_path(path: str | os.PathLike[str]) -> None:
+    """Raise StorePathError unless `path` is (or can be created as) a writable directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StorePathError(f"SSD path {path} is not a directory: fix ssd.paths")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".fuyou-write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StorePathError(
+            f"SSD path {path} is not writable ({exc.strerror}): fix ssd.paths or its permissions"
+        ) from exc
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:

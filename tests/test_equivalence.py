@@ -41,7 +41,9 @@ def assert_matches_reference(cfg: RunConfig, losses: list[float]) -> None:
         ("accum-noclip", {"global_batch": 8, "micro_batch": 2}, 0.0),  # Fuyou's overlapped path
     ],
 )
-def test_local_executor_matches_reference(tmp_path: Path, name: str, batch: dict, max_grad_norm: float) -> None:
+def test_local_executor_matches_reference(
+    tmp_path: Path, name: str, batch: dict, max_grad_norm: float
+) -> None:
     cfg = tiny_config(tmp_path, batch=batch, optimizer={"max_grad_norm": max_grad_norm}, steps=4)
     result = train(cfg, executor="local")
     if max_grad_norm > 0:

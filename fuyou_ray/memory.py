@@ -1,4 +1,4 @@
-"""What every actor shares: logging set-up and honest accounting of its own memory use."""
+"""Honest accounting of a process's own memory use, and the per-process logging set-up of actors."""
 
 from __future__ import annotations
 
@@ -38,12 +38,19 @@ class MemoryReport:
 class MemoryMeter:
     """Measures peak RSS above the interpreter + torch baseline of this process.
 
-    The peak counter (VmHWM) is reset at construction by writing 5 to /proc/self/clear_refs, so the peak
-    covers fuyou-ray's own allocations (ring pages touched, working buffers) from then on.
+    The peak counter (VmHWM) is reset by writing 5 to /proc/self/clear_refs - at construction, and again by
+    `reset()` once the process has finished starting (for a Ray actor: after its first call, when the
+    worker's own threads and buffers exist) - so the peak covers fuyou-ray's own allocations (ring pages
+    touched, working buffers) from then on.
     """
 
     def __init__(self, role: str) -> None:
         self.role = role
+        self.baseline = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Start measuring from now: baseline = current RSS, peak counter reset to it."""
         with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self.baseline = _status_kib("VmRSS") * 1024
