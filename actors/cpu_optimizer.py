@@ -7,6 +7,7 @@ import torch
 from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.optim import AdamWStep, adamw_update_
 from fuyou_ray.ring import RingMapping, RingSpec, SlotHandle
+from fuyou_ray.timeline import Span, Timeline
 
 
 class CPUOptimizerActor:
@@ -25,6 +26,7 @@ class CPUOptimizerActor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.ring = RingMapping(ring)
+        self.timeline = Timeline()
         self.elements = 0
 
     def update(
@@ -43,9 +45,13 @@ class CPUOptimizerActor:
     ) -> int:
         """AdamW on elements [lo, hi) of one unit; returns the number of elements updated."""
         w, g, m, v, p = (self.ring.tensor(h)[lo:hi] for h in (master, grad, exp_avg, exp_avg_sq, params))
-        adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
+        with self.timeline.span("cpu adam", master.tensor, (hi - lo) * 4):
+            adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
         self.elements += hi - lo
         return hi - lo
+
+    def drain_timeline(self) -> list[Span]:
+        return self.timeline.drain()
 
     def memory_report(self) -> MemoryReport:
         return self.memory.report()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch.func import functional_call
 
@@ -10,6 +13,7 @@ from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.models import ModelSpec, lm_loss
 from fuyou_ray.optim import clip_coefficient, parameter_norms, total_grad_norm
 from fuyou_ray.ring import DTYPES, RingMapping, RingSpec, SlotHandle
+from fuyou_ray.timeline import Span, Timeline
 
 
 class GPUComputeActor:
@@ -35,6 +39,7 @@ class GPUComputeActor:
         # Parameter names of each unit in module order: the order clip_grad_norm_ stacks norms in.
         self.param_order = [[n for n, _ in m.named_parameters()] for m in self.units]
         self.ring = RingMapping(ring)
+        self.timeline = Timeline()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             self.ring.pin()
@@ -63,7 +68,7 @@ class GPUComputeActor:
     def forward(self, unit: int, params: SlotHandle, *after: object) -> int:
         """Run unit `unit` forward on every micro-batch; keep its outputs as the next unit's inputs."""
         named = self._load(unit, params, requires_grad=False)
-        with torch.no_grad():
+        with torch.no_grad(), self._compute(f"forward {unit}"):
             self.inputs[unit + 1] = [
                 functional_call(self.units[unit], named, (x,)) for x in self.inputs[unit]
             ]
@@ -76,13 +81,14 @@ class GPUComputeActor:
         grad_acc = torch.zeros(flat.numel(), dtype=torch.float32, device=self.device)
         self.grad_out = []
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for x, y in zip(self.inputs[unit], self.targets, strict=True):
-            x = x.detach().requires_grad_(True)
-            loss = lm_loss(functional_call(self.units[unit], named, (x,)), y) / self.accum
-            g_flat, g_x = torch.autograd.grad(loss, [flat, x])
-            grad_acc += g_flat.float()
-            self.grad_out.append(g_x)
-            total += loss.detach()
+        with self._compute(f"head {unit}"):
+            for x, y in zip(self.inputs[unit], self.targets, strict=True):
+                x = x.detach().requires_grad_(True)
+                loss = lm_loss(functional_call(self.units[unit], named, (x,)), y) / self.accum
+                g_flat, g_x = torch.autograd.grad(loss, [flat, x])
+                grad_acc += g_flat.float()
+                self.grad_out.append(g_x)
+                total += loss.detach()
         self.inputs[unit] = []
         self.loss = float(total)
         return self._emit_grad(unit, grad_acc, grad_slot, params.version)
@@ -93,16 +99,17 @@ class GPUComputeActor:
         named = self.spec.units[unit].layout.unflatten(flat)
         grad_acc = torch.zeros(flat.numel(), dtype=torch.float32, device=self.device)
         grad_in = []
-        for x, g_out in zip(self.inputs[unit], self.grad_out, strict=True):
-            differentiable = x.is_floating_point()
-            if differentiable:
-                x = x.detach().requires_grad_(True)
-            out = functional_call(self.units[unit], named, (x,))
-            wrt = [flat, x] if differentiable else [flat]
-            grads = torch.autograd.grad(out, wrt, grad_outputs=g_out)
-            grad_acc += grads[0].float()
-            if differentiable:
-                grad_in.append(grads[1])
+        with self._compute(f"backward {unit}"):
+            for x, g_out in zip(self.inputs[unit], self.grad_out, strict=True):
+                differentiable = x.is_floating_point()
+                if differentiable:
+                    x = x.detach().requires_grad_(True)
+                out = functional_call(self.units[unit], named, (x,))
+                wrt = [flat, x] if differentiable else [flat]
+                grads = torch.autograd.grad(out, wrt, grad_outputs=g_out)
+                grad_acc += grads[0].float()
+                if differentiable:
+                    grad_in.append(grads[1])
         self.inputs[unit] = []
         self.grad_out = grad_in
         return self._emit_grad(unit, grad_acc, grad_slot, params.version)
@@ -119,10 +126,22 @@ class GPUComputeActor:
 
     # ---------------------------------------------------------------------------------------- helpers
 
+    @contextlib.contextmanager
+    def _compute(self, label: str) -> Iterator[None]:
+        with self.timeline.span("gpu compute", label):
+            yield
+            self._sync()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _load_flat(self, params: SlotHandle, requires_grad: bool) -> torch.Tensor:
         src = self.ring.tensor(params)
         # The copy is what frees the slot for reuse: on CUDA it is the H2D transfer from pinned memory.
-        flat = src.to(self.device, dtype=self.dtype, copy=True)
+        with self.timeline.span("h2d", params.tensor, params.nbytes):
+            flat = src.to(self.device, dtype=self.dtype, copy=True)
+            self._sync()
         return flat.requires_grad_(requires_grad)
 
     def _load(self, unit: int, params: SlotHandle, requires_grad: bool) -> dict[str, torch.Tensor]:
@@ -132,8 +151,12 @@ class GPUComputeActor:
         named = self.spec.units[unit].layout.unflatten(grad)
         self.norms[unit] = parameter_norms([named[n] for n in self.param_order[unit]])
         handle = slot.carrying(slot.tensor, "float32", grad.numel(), version)
-        self.ring.tensor(handle).copy_(grad)  # D2H into the (pinned) ring slot; synchronous
+        with self.timeline.span("d2h", slot.tensor, handle.nbytes):
+            self.ring.tensor(handle).copy_(grad)  # D2H into the (pinned) ring slot; synchronous
         return handle
+
+    def drain_timeline(self) -> list[Span]:
+        return self.timeline.drain()
 
     def memory_report(self) -> MemoryReport:
         return self.memory.report()

@@ -15,6 +15,7 @@ from fuyou_ray.models import ModelSpec
 from fuyou_ray.records import RecordKind, record_name
 from fuyou_ray.ring import DTYPES, RingMapping, RingSpec, SlotHandle
 from fuyou_ray.store import SSDTensorStore, aligned_buffer
+from fuyou_ray.timeline import Span, Timeline
 
 
 class SSDIOActor:
@@ -38,6 +39,7 @@ class SSDIOActor:
             verify_checksums=ssd.verify_checksums,
         )
         self.ring = RingMapping(ring)
+        self.timeline = Timeline()
         self.log.info("store at %s, committed step %d", ", ".join(ssd.paths), self.store.committed_step)
 
     # ------------------------------------------------------------------------------ the step's I/O
@@ -46,19 +48,21 @@ class SSDIOActor:
         """Fill `slot` with the newest version of record `name`; returns the slot, now carrying it."""
         rec = self.store.record(name)
         handle = slot.carrying(name, rec.dtype, rec.numel, rec.version)
-        self.store.read_into(name, self.ring.memoryview(handle))
+        with self.timeline.span("ssd read", name, rec.padded_nbytes):
+            self.store.read_into(name, self.ring.memoryview(handle))
         return handle
 
     def write(self, slot: SlotHandle, version: int, transient: bool, *after: object) -> int:
         """Stage the slot's payload as version `version` of its record. Returns bytes written."""
-        rec = self.store.write_from(
-            slot.tensor,
-            self.ring.memoryview(slot),
-            dtype=slot.dtype,
-            numel=slot.numel,
-            version=version,
-            transient=transient,
-        )
+        with self.timeline.span("ssd write", slot.tensor, slot.nbytes):
+            rec = self.store.write_from(
+                slot.tensor,
+                self.ring.memoryview(slot),
+                dtype=slot.dtype,
+                numel=slot.numel,
+                version=version,
+                transient=transient,
+            )
         return rec.padded_nbytes
 
     def commit(self, step: int, meta: Mapping[str, Any], summary: Mapping[str, float], *after: object) -> int:
@@ -131,6 +135,9 @@ class SSDIOActor:
             "bytes_written": self.store.bytes_written,
             "bytes_stored": self.store.stored_bytes(),
         }
+
+    def drain_timeline(self) -> list[Span]:
+        return self.timeline.drain()
 
     def memory_report(self) -> MemoryReport:
         return self.memory.report()

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,15 @@ from fuyou_ray.plan import Plan, check_ssd_space, make_plan
 from fuyou_ray.ring import Ring, make_spec, remove_stale_segments
 from fuyou_ray.schedule import StepInputs, build_step
 from fuyou_ray.store import check_ssd_path
+from fuyou_ray.timeline import LANES, Span, busy_seconds
 
 log = logging.getLogger("fuyou")
 
 
 @dataclass
 class StepRecord:
+    """What one committed step did; one line of metrics.jsonl."""
+
     step: int  # committed step number (1-based)
     loss: float
     grad_norm: float
@@ -43,6 +46,7 @@ class StepRecord:
     seconds: float
     tokens_per_s: float
     tflops: float
+    busy: dict[str, float] = field(default_factory=dict)  # seconds each lane was busy during the step
 
 
 @dataclass
@@ -86,7 +90,8 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
         last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         with _progress(start, cfg.steps) as progress, open(run_dir / "metrics.jsonl", "a") as metrics:
             for step in range(start, last):
-                record = run_step(ex, cfg, plan, spec, data, step)
+                record, spans = run_step(ex, cfg, plan, spec, data, step)
+                write_timeline(run_dir / "timeline.json", record.step, spans)
                 result.steps.append(record)
                 result.final_step = record.step
                 metrics.write(json.dumps(record.__dict__) + "\n")
@@ -151,8 +156,8 @@ def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec) -> int
 
 def run_step(
     ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, data: TokenDataset, step: int
-) -> StepRecord:
-    """Run 0-based step `step` to its commit; returns what it measured."""
+) -> tuple[StepRecord, list[Span]]:
+    """Run 0-based step `step` to its commit; returns what it measured and its timeline."""
     t0 = time.perf_counter()
     batch = data.batch(step, cfg.batch.global_batch, cfg.batch.seq_len)
     o = cfg.optimizer
@@ -174,6 +179,7 @@ def run_step(
     summary = ex.get(futures[sched.summary])
     ex.get(futures[sched.commit])
     seconds = time.perf_counter() - t0
+    spans = [s for role in ex.roles for s in ex.get(ex.call(role, "drain_timeline"))]
     tokens = cfg.batch.global_batch * cfg.batch.seq_len
     flops = spec.flops_per_token(cfg.batch.seq_len) * tokens
     return StepRecord(
@@ -184,7 +190,21 @@ def run_step(
         seconds=seconds,
         tokens_per_s=tokens / seconds,
         tflops=flops / seconds / 1e12,
-    )
+        busy={
+            lane: round(busy_seconds(spans, lane), 6) for lane in LANES if any(s.lane == lane for s in spans)
+        },
+    ), spans
+
+
+def write_timeline(path: Path, step: int, spans: list[Span]) -> None:
+    """The most recent step's per-lane busy intervals (seconds from the step's first span)."""
+    t0 = min((s.start for s in spans), default=0.0)
+    rows = [
+        {**asdict(s), "start": s.start - t0, "end": s.end - t0} for s in sorted(spans, key=lambda s: s.start)
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "spans": rows}))
+    os.replace(tmp, path)
 
 
 def _memory(ex: Executor) -> list[Any]:
