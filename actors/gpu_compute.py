@@ -33,6 +33,9 @@ class GPUComputeActor:
         self.log = setup_logging("gpu-compute")
         self.memory = MemoryMeter("gpu-compute")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Ray exposes the actor's GPU as the only visible device.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = DTYPES[compute_dtype]
         self.spec = ModelSpec(model)
         self.units = [self.spec.build_unit(u.index, "meta") for u in self.spec.units]

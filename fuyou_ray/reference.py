@@ -64,3 +64,50 @@ def train_reference(
         opt.step()
         losses.append(total)
     return ReferenceRun(model, losses)
+
+
+def train_reference_mixed(cfg: RunConfig, steps: int, device: str = "cuda") -> ReferenceRun:
+    """Mixed precision done the plain way, all on `device`: fp32 master weights and AdamW, a bf16 copy
+    of the model for forward/backward, bf16 gradients accumulated in fp32 over micro-batches, then
+    clip_grad_norm_ on the fp32 gradients. The same arithmetic fuyou-ray performs, without any streaming.
+    """
+    spec = ModelSpec(cfg.model)
+    master = ReferenceModel(spec, cfg.seed).to(device)
+    work = ReferenceModel(spec, cfg.seed).to(device=device, dtype=torch.bfloat16)
+    data = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
+    o = cfg.optimizer
+    masters = list(master.parameters())
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in masters if p.dim() >= 2], "weight_decay": o.weight_decay},
+            {"params": [p for p in masters if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=o.betas,
+        eps=o.eps,
+        fused=True,
+    )
+    losses = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(o, step, cfg.steps)
+        with torch.no_grad():
+            for w, m in zip(work.parameters(), masters, strict=True):
+                w.copy_(m)
+        accum = [torch.zeros_like(m) for m in masters]
+        batch = data.batch(step, cfg.batch.global_batch, cfg.batch.seq_len)
+        total = 0.0
+        for x, y in batch.micro_batches(cfg.batch.micro_batch):
+            loss = lm_loss(work(x.to(device)), y.to(device)) / cfg.batch.accum_steps
+            grads = torch.autograd.grad(loss, list(work.parameters()))
+            for a, g in zip(accum, grads, strict=True):
+                a += g.float()
+            total += float(loss.detach())
+        for m, a in zip(masters, accum, strict=True):
+            m.grad = a
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(masters, o.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return ReferenceRun(master, losses)
