@@ -132,6 +132,13 @@ class RayExecutor(Executor):
         self.ray = ray
         self.handles: dict[str, Any] = {}
         cfg, plan = setup.config, setup.plan
+        # Reserve CPUs for the optimizer pool only when the cluster has them all; otherwise the last actors
+        # would wait forever for resources. Threads are set by the actors themselves either way.
+        pool_cpus = (
+            plan.optimizer_threads
+            if _cluster_cpus(ray) >= plan.optimizer_actors * plan.optimizer_threads
+            else 0
+        )
         for role in self.roles:
             cls, args = construct(role, setup)
             options: dict[str, Any] = {
@@ -146,9 +153,7 @@ class RayExecutor(Executor):
                 options["max_concurrency"] = 4  # reads and writes of different slots run at once
             else:
                 # Ray sets OMP_NUM_THREADS from num_cpus; the actor also sets torch's thread count itself.
-                options["num_cpus"] = (
-                    plan.optimizer_threads if _cluster_cpus(ray) >= plan.optimizer_threads else 0
-                )
+                options["num_cpus"] = pool_cpus
             self.handles[role] = ray.remote(cls).options(**options).remote(*args)
         # Fail fast (with the actor's own error) if a constructor raised.
         deadline = time.monotonic() + ready_timeout_s
