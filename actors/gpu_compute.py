@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +17,65 @@ from fuyou_ray.ring import DTYPES, RingMapping, RingSpec, SlotHandle
 from fuyou_ray.timeline import Span, Timeline
 
 
+class DeviceLanes:
+    """The compute device's three lanes - compute, H2D copies, D2H copies - and their timing.
+
+    On CUDA each lane is a stream: copies of unit i+1's params run while unit i computes, and the D2H of
+    unit i's gradient while unit i-1 computes. Busy intervals are timed with CUDA events, converted to
+    wall-clock time against an anchor taken at the start of each step, so they line up with the other
+    actors' spans. On the CPU fallback the lanes are one synchronous lane, timed on the host.
+    """
+
+    def __init__(self, device: torch.device, timeline: Timeline) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.timeline = timeline
+        self.compute = torch.cuda.current_stream(device) if self.cuda else None
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+        self._pending: list[tuple[str, str, int, torch.cuda.Event, torch.cuda.Event]] = []
+        self._anchor: tuple[float, torch.cuda.Event] | None = None
+
+    def anchor(self) -> None:
+        """Tie CUDA event times to wall-clock time (one synchronize per step)."""
+        if self.cuda:
+            self.flush()
+            torch.cuda.synchronize(self.device)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(self.compute)
+            event.synchronize()
+            self._anchor = (time.time(), event)
+
+    @contextlib.contextmanager
+    def on(self, lane: str, label: str, nbytes: int = 0) -> Iterator[torch.cuda.Stream | None]:
+        """Run the body's CUDA work on `lane`'s stream and time it there (host-timed on CPU)."""
+        if not self.cuda:
+            with self.timeline.span(lane, label, nbytes):
+                yield None
+            return
+        stream = {"gpu compute": self.compute, "h2d": self.h2d, "d2h": self.d2h}[lane]
+        assert stream is not None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            yield stream
+            end.record(stream)
+        self._pending.append((lane, label, nbytes, start, end))
+
+    def flush(self) -> None:
+        """Turn recorded CUDA events into spans (synchronizes on the events)."""
+        if not self.cuda or self._anchor is None:
+            self._pending.clear()
+            return
+        wall, ref = self._anchor
+        for lane, label, nbytes, start, end in self._pending:
+            end.synchronize()
+            t0 = wall + ref.elapsed_time(start) / 1e3
+            t1 = wall + ref.elapsed_time(end) / 1e3
+            self.timeline.add(Span(lane, label, t0, t1, nbytes))
+        self._pending.clear()
+
+
 class GPUComputeActor:
     """Owns the compute device, a weightless copy of every unit, and the step's activations.
 
@@ -24,8 +84,10 @@ class GPUComputeActor:
     (micro-batch by micro-batch) with params read from a ring slot, keeping each unit's input; `head` runs
     the last unit forward and backward at once (its params are loaded once per step); `backward(u)`
     reloads unit u's params, recomputes its forward from the kept input and backpropagates, accumulating
-    the unit's gradient over micro-batches and writing it (fp32) into a ring slot. Every call returns only
-    when what it wrote to the ring is complete. A restarted actor has lost the step's activations: the
+    the unit's gradient over micro-batches in fp32 on the device; `emit_grad(u)` copies it into a ring
+    slot. Calls that read a ring slot return once the slot's bytes are on the device (the slot is free);
+    `emit_grad` returns once the slot is filled; compute itself runs on asynchronously, so the schedule
+    overlaps it with the next unit's copies. A restarted actor has lost the step's activations: the
     driver replays the step from `start_step`.
     """
 
@@ -36,21 +98,24 @@ class GPUComputeActor:
         if self.device.type == "cuda" and self.device.index is None:
             # Ray exposes the actor's GPU as the only visible device.
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.dtype = DTYPES[compute_dtype]
         self.spec = ModelSpec(model)
         self.units = [self.spec.build_unit(u.index, "meta") for u in self.spec.units]
         # Parameter names of each unit in module order: the order clip_grad_norm_ stacks norms in.
         self.param_order = [[n for n, _ in m.named_parameters()] for m in self.units]
         self.ring = RingMapping(ring)
-        self.timeline = Timeline()
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
             self.ring.pin()
+        self.timeline = Timeline()
+        self.lanes = DeviceLanes(self.device, self.timeline)
         self.inputs: list[list[torch.Tensor]] = []
         self.grad_out: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.accum = 1
-        self.loss = 0.0
+        self.loss = torch.zeros(())
+        self.grads: dict[int, torch.Tensor] = {}  # fp32 gradients computed but not yet emitted
         self.norms: dict[int, list[torch.Tensor]] = {}
         self.log.info("compute on %s in %s, %d units", self.device, compute_dtype, len(self.units))
 
@@ -58,51 +123,53 @@ class GPUComputeActor:
 
     def start_step(self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int) -> int:
         """Take the step's batch (global_batch, seq_len); forget the previous step's state."""
+        self.lanes.anchor()
         n = self.spec.num_units
         self.inputs = [[] for _ in range(n)]
         self.inputs[0] = [t.to(self.device) for t in inputs.split(micro_batch)]
         self.targets = [t.to(self.device) for t in targets.split(micro_batch)]
         self.accum = len(self.targets)
         self.grad_out = []
-        self.loss = 0.0
+        self.loss = torch.zeros((), device=self.device)
+        self.grads = {}
         self.norms = {}
         return self.accum
 
     def forward(self, unit: int, params: SlotHandle, *after: object) -> int:
         """Run unit `unit` forward on every micro-batch; keep its outputs as the next unit's inputs."""
-        named = self._load(unit, params, requires_grad=False)
-        with torch.no_grad(), self._compute(f"forward {unit}"):
+        flat = self._load(params, requires_grad=False)
+        named = self.spec.units[unit].layout.unflatten(flat)
+        with torch.no_grad(), self.lanes.on("gpu compute", f"forward {unit}"):
             self.inputs[unit + 1] = [
                 functional_call(self.units[unit], named, (x,)) for x in self.inputs[unit]
             ]
         return unit
 
-    def head(self, unit: int, params: SlotHandle, grad_slot: SlotHandle, *after: object) -> SlotHandle:
-        """Last unit: forward + loss + backward in one visit; its gradient goes to `grad_slot`."""
-        flat = self._load_flat(params, requires_grad=True)
+    def head(self, unit: int, params: SlotHandle, *after: object) -> int:
+        """Last unit: forward + loss + backward in one visit (its params are loaded once per step)."""
+        flat = self._load(params, requires_grad=True)
         named = self.spec.units[unit].layout.unflatten(flat)
         grad_acc = torch.zeros(flat.numel(), dtype=torch.float32, device=self.device)
         self.grad_out = []
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        with self._compute(f"head {unit}"):
+        with self.lanes.on("gpu compute", f"head {unit}"):
             for x, y in zip(self.inputs[unit], self.targets, strict=True):
                 x = x.detach().requires_grad_(True)
                 loss = lm_loss(functional_call(self.units[unit], named, (x,)), y) / self.accum
                 g_flat, g_x = torch.autograd.grad(loss, [flat, x])
                 grad_acc += g_flat.float()
                 self.grad_out.append(g_x)
-                total += loss.detach()
+                self.loss += loss.detach()
+            self._keep_grad(unit, grad_acc)
         self.inputs[unit] = []
-        self.loss = float(total)
-        return self._emit_grad(unit, grad_acc, grad_slot, params.version)
+        return unit
 
-    def backward(self, unit: int, params: SlotHandle, grad_slot: SlotHandle, *after: object) -> SlotHandle:
-        """Recompute unit `unit` from its kept input and backpropagate; its gradient goes to `grad_slot`."""
-        flat = self._load_flat(params, requires_grad=True)
+    def backward(self, unit: int, params: SlotHandle, *after: object) -> int:
+        """Recompute unit `unit` from its kept input and backpropagate; the gradient stays on the device."""
+        flat = self._load(params, requires_grad=True)
         named = self.spec.units[unit].layout.unflatten(flat)
         grad_acc = torch.zeros(flat.numel(), dtype=torch.float32, device=self.device)
         grad_in = []
-        with self._compute(f"backward {unit}"):
+        with self.lanes.on("gpu compute", f"backward {unit}"):
             for x, g_out in zip(self.inputs[unit], self.grad_out, strict=True):
                 differentiable = x.is_floating_point()
                 if differentiable:
@@ -113,52 +180,56 @@ class GPUComputeActor:
                 grad_acc += grads[0].float()
                 if differentiable:
                     grad_in.append(grads[1])
+            self._keep_grad(unit, grad_acc)
         self.inputs[unit] = []
         self.grad_out = grad_in
-        return self._emit_grad(unit, grad_acc, grad_slot, params.version)
+        return unit
+
+    def emit_grad(self, unit: int, slot: SlotHandle, *after: object) -> SlotHandle:
+        """Copy unit `unit`'s fp32 gradient into `slot` (D2H); returns when the slot holds it."""
+        grad = self.grads.pop(unit)
+        handle = slot.carrying(slot.tensor, "float32", grad.numel(), slot.version)
+        dest = self.ring.tensor(handle)
+        with self.lanes.on("d2h", slot.tensor, handle.nbytes) as stream:
+            if stream is not None:
+                stream.wait_stream(self.lanes.compute)  # type: ignore[arg-type]
+                grad.record_stream(stream)
+            dest.copy_(grad, non_blocking=True)
+        if stream is not None:
+            stream.synchronize()
+        return handle
 
     def clip_coefficient(self, max_norm: float, *after: object) -> float:
         """The global-norm clipping coefficient of this step's gradients (call after every backward)."""
         return clip_coefficient(max_norm, self._total_norm())
 
     def step_summary(self, *after: object) -> dict[str, float]:
-        return {"loss": self.loss, "grad_norm": float(self._total_norm())}
+        return {"loss": float(self.loss), "grad_norm": float(self._total_norm())}
+
+    # ---------------------------------------------------------------------------------------- helpers
 
     def _total_norm(self) -> torch.Tensor:
         return total_grad_norm([n for unit in sorted(self.norms) for n in self.norms[unit]])
 
-    # ---------------------------------------------------------------------------------------- helpers
-
-    @contextlib.contextmanager
-    def _compute(self, label: str) -> Iterator[None]:
-        with self.timeline.span("gpu compute", label):
-            yield
-            self._sync()
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _load_flat(self, params: SlotHandle, requires_grad: bool) -> torch.Tensor:
-        src = self.ring.tensor(params)
-        # The copy is what frees the slot for reuse: on CUDA it is the H2D transfer from pinned memory.
-        with self.timeline.span("h2d", params.tensor, params.nbytes):
-            flat = src.to(self.device, dtype=self.dtype, copy=True)
-            self._sync()
-        return flat.requires_grad_(requires_grad)
-
-    def _load(self, unit: int, params: SlotHandle, requires_grad: bool) -> dict[str, torch.Tensor]:
-        return self.spec.units[unit].layout.unflatten(self._load_flat(params, requires_grad))
-
-    def _emit_grad(self, unit: int, grad: torch.Tensor, slot: SlotHandle, version: int) -> SlotHandle:
+    def _keep_grad(self, unit: int, grad: torch.Tensor) -> None:
         named = self.spec.units[unit].layout.unflatten(grad)
         self.norms[unit] = parameter_norms([named[n] for n in self.param_order[unit]])
-        handle = slot.carrying(slot.tensor, "float32", grad.numel(), version)
-        with self.timeline.span("d2h", slot.tensor, handle.nbytes):
-            self.ring.tensor(handle).copy_(grad)  # D2H into the (pinned) ring slot; synchronous
-        return handle
+        self.grads[unit] = grad
+
+    def _load(self, params: SlotHandle, requires_grad: bool) -> torch.Tensor:
+        """Copy a unit's params from a ring slot to the device; returns once the slot may be reused."""
+        src = self.ring.tensor(params)
+        with self.lanes.on("h2d", params.tensor, params.nbytes) as stream:
+            flat = torch.empty(src.numel(), dtype=self.dtype, device=self.device)
+            flat.copy_(src, non_blocking=True)
+        if stream is not None:
+            stream.synchronize()  # the slot's bytes are on the device: the slot is free
+            self.lanes.compute.wait_stream(stream)  # type: ignore[union-attr]
+            flat.record_stream(self.lanes.compute)  # type: ignore[arg-type]
+        return flat.requires_grad_(requires_grad)
 
     def drain_timeline(self) -> list[Span]:
+        self.lanes.flush()
         return self.timeline.drain()
 
     def memory_report(self) -> MemoryReport:
@@ -173,4 +244,6 @@ class GPUComputeActor:
         return 0
 
     def shutdown(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.ring.close()

@@ -152,20 +152,29 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         f = sched.add("gpu", "forward", u, Ref(r), after=[start], phase="forward", unit=u)
         slots.consumed_by(slot, [f])
 
-    # 2-3. head (forward + backward), then backward of the rest, in reverse
-    for u in range(last, -1, -1):
-        r, p_slot = read(u, RecordKind.PARAM, "backward")
+    # 2-3. head (forward + backward), then backward of the rest, in reverse. Unit u's gradient leaves the
+    # device (emit_grad) only after unit u-1's backward was issued, so its D2H overlaps that compute.
+    def emit(u: int) -> None:
         g_slot, fence = slots.take()
         g_slot = g_slot.carrying(record_name(u, RecordKind.GRAD), "float32", spec.units[u].numel, version)
-        method = "head" if u == last else "backward"
-        b = sched.add("gpu", method, u, Ref(r), g_slot, after=[start, *fence], phase="backward", unit=u)
-        slots.consumed_by(p_slot, [b])
+        e = sched.add(
+            "gpu", "emit_grad", u, g_slot, after=fence, phase="backward", unit=u, nbytes=g_slot.nbytes
+        )
         if clipping:
-            writes.append(write(b, g_slot, u, True, [], spec.units[u].numel * 4))
+            writes.append(write(e, g_slot, u, True, [], spec.units[u].numel * 4))
             grads[u] = writes[-1]
         else:
-            grads[u] = b
-            _optimizer(sched, slots, spec, s, u, Ref(b), g_slot, 1.0, read, write, writes)
+            grads[u] = e
+            _optimizer(sched, slots, spec, s, u, Ref(e), g_slot, 1.0, read, write, writes)
+
+    for u in range(last, -1, -1):
+        r, p_slot = read(u, RecordKind.PARAM, "backward")
+        method = "head" if u == last else "backward"
+        b = sched.add("gpu", method, u, Ref(r), after=[start], phase="backward", unit=u)
+        slots.consumed_by(p_slot, [b])
+        if u < last:
+            emit(u + 1)
+    emit(0)
 
     # 4. with exact clipping: the coefficient from every gradient, then the optimizer unit by unit
     if clipping:
