@@ -15,7 +15,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,26 +74,90 @@ class Size(int):
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Which network to train. `arch: gpt` is GPT-2/GPT-3 (pre-LayerNorm, GELU MLP, learned positions)."""
+class RopeScalingConfig:
+    """RoPE frequency scaling of a Llama-family model (HF `rope_scaling` / `rope_parameters`).
 
-    arch: Literal["gpt"] = "gpt"
+    `linear` divides every frequency by `factor`; `llama3` (Llama 3.1+) divides the low frequencies by
+    `factor`, keeps the high ones, and interpolates between `low_freq_factor` and `high_freq_factor`.
+    """
+
+    type: Literal["linear", "llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network to train.
+
+    `arch: gpt` is GPT-2/GPT-3 (pre-LayerNorm, GELU MLP, learned positions). `arch: llama` is the Llama
+    family (RMSNorm, RoPE, SwiGLU MLP, grouped-query attention): Llama 2/3, Mistral (`sliding_window`),
+    Qwen2 (`qkv_bias`). `fuyou-ray import` fills these fields from a Hugging Face config.json. The input
+    embedding and the LM head are always separate (untied) units: the pipeline streams units one by one.
+    """
+
+    arch: Literal["gpt", "llama"] = "gpt"
     vocab_size: int = 256
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
     max_seq_len: int = 128
     init_std: float = 0.02
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # gpt LayerNorm
+    intermediate_size: int = 0  # MLP width; 0 = 4 * d_model (gpt only: llama must give it)
+    # Llama family only (a gpt config leaves these at their defaults):
+    n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 = n_head
+    head_dim: int = 0  # 0 = d_model // n_head
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig | None = None
+    qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2)
+    attn_out_bias: bool = False  # bias on the attention output projection (Llama `attention_bias`: both)
+    mlp_bias: bool = False
+    sliding_window: int = 0  # attend to the last N positions only (Mistral); 0 = full causal attention
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size or 4 * self.d_model
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where training text comes from. `path: null` uses the corpus bundled with fuyou-ray."""
+    """Where training text comes from and how it becomes batches. `path: null` uses the bundled corpus.
+
+    Formats (`format: auto` picks by extension): `text` (a UTF-8 file), `jsonl` (.jsonl/.json: one object
+    per line with `text`, or `prompt` + `completion` - loss on the completion only - or chat `messages`
+    rendered with the tokenizer's chat template - loss on assistant turns only), `tokens` (pre-tokenized
+    .npy, or raw .bin of `token_dtype`). `tokenizer` is a directory with the model's tokenizer.json (an
+    imported run points at its own copy); null means UTF-8 bytes (vocab 256). Tokenized files are cached
+    in `cache_dir`. Text and token streams are sampled as random windows per step; JSONL examples are
+    packed into rows of seq_len (or one per row, padded, with `pack: false`) and shuffled per epoch. Either
+    way the batch of step s depends only on (seed, s), so a resumed run sees exactly the batches it would
+    have seen.
+    """
 
     path: str | None = None
+    format: Literal["auto", "text", "jsonl", "tokens"] = "auto"
+    tokenizer: str | None = None
     seed: int = 0
     eval_fraction: float = 0.05
+    eval_path: str | None = None  # a held-out file in the same format; eval_fraction is then unused
+    pack: bool = True
+    add_eos: bool = True  # end every document / example with the tokenizer's EOS token
+    token_dtype: Literal["uint8", "uint16", "uint32", "int32", "int64"] = "uint16"  # raw .bin files
+    cache_dir: str | None = None  # tokenized-data cache; null = ~/.cache/fuyou-ray/tokens
+    eval_every: int = 0  # held-out loss every N steps (0 = off)
+    eval_batches: int = 4  # batches of batch.global_batch sequences per evaluation
 
 
 @dataclass(frozen=True)
@@ -291,14 +355,16 @@ def _validate(cfg: RunConfig) -> None:
     require(m.n_layer >= 1, "model.n_layer", "must be >= 1")
     require(m.n_head >= 1, "model.n_head", "must be >= 1")
     require(
-        m.d_model >= 1 and m.d_model % m.n_head == 0,
+        m.d_model >= 1 and (m.head_dim > 0 or m.d_model % m.n_head == 0),
         "model.d_model",
         f"must be a positive multiple of model.n_head ({m.n_head}), got {m.d_model}",
     )
     require(m.max_seq_len >= 1, "model.max_seq_len", "must be >= 1")
     require(m.init_std > 0, "model.init_std", "must be > 0")
     require(m.layer_norm_eps > 0, "model.layer_norm_eps", "must be > 0")
-    require(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+    require(m.intermediate_size >= 0, "model.intermediate_size", "must be >= 0 (0 = 4 * d_model)")
+    _validate_model_family(m, require)
+    _validate_data(cfg.data, require)
     require(b.seq_len >= 1, "batch.seq_len", "must be >= 1")
     require(
         b.seq_len <= m.max_seq_len,
@@ -334,14 +400,69 @@ def _validate(cfg: RunConfig) -> None:
     require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", "must be >= 0")
 
 
+def _validate_model_family(m: ModelConfig, require: Callable[[bool, str, str], None]) -> None:
+    defaults = ModelConfig()
+    llama_only = ["n_kv_head", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "qkv_bias"]
+    llama_only += ["attn_out_bias", "mlp_bias", "sliding_window"]
+    if m.arch == "gpt":
+        for name in llama_only:
+            require(
+                getattr(m, name) == getattr(defaults, name),
+                f"model.{name}",
+                "applies to arch 'llama' only; remove it or set model.arch: llama",
+            )
+        return
+    require(m.intermediate_size > 0, "model.intermediate_size", "arch 'llama' needs the MLP width (> 0)")
+    require(m.n_kv_head >= 0, "model.n_kv_head", "must be >= 0 (0 = n_head)")
+    require(
+        m.n_head % m.kv_heads == 0,
+        "model.n_kv_head",
+        f"must divide model.n_head ({m.n_head}), got {m.kv_heads}",
+    )
+    require(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 = d_model / n_head)")
+    require(m.head_size % 2 == 0, "model.head_dim", f"RoPE needs an even head size, got {m.head_size}")
+    require(m.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0")
+    require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    require(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0 = full causal attention)")
+    r = m.rope_scaling
+    if r is not None:
+        require(r.factor > 0, "model.rope_scaling.factor", "must be > 0")
+        if r.type == "llama3":
+            require(
+                r.high_freq_factor > r.low_freq_factor > 0,
+                "model.rope_scaling.high_freq_factor",
+                "must exceed low_freq_factor, which must be > 0",
+            )
+            require(
+                r.original_max_position_embeddings >= 1,
+                "model.rope_scaling.original_max_position_embeddings",
+                "must be >= 1",
+            )
+
+
+def _validate_data(d: DataConfig, require: Callable[[bool, str, str], None]) -> None:
+    require(0 <= d.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+    require(d.eval_every >= 0, "data.eval_every", "must be >= 0 (0 = no periodic evaluation)")
+    require(d.eval_batches >= 1, "data.eval_batches", "must be >= 1")
+    require(
+        d.path is not None or d.eval_path is None,
+        "data.eval_path",
+        "needs data.path too (the bundled corpus has its own held-out part)",
+    )
+
+
 def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     def absolute(p: str) -> str:
         path = Path(os.path.expanduser(p))
         return str(path if path.is_absolute() else (base / path).resolve())
 
     data = cfg.data
-    if data.path is not None:
-        data = dataclasses.replace(data, path=absolute(data.path))
+    paths: dict[str, Any] = {
+        key: absolute(getattr(data, key))
+        for key in ("path", "eval_path", "tokenizer", "cache_dir")
+        if getattr(data, key) is not None
+    }
+    data = dataclasses.replace(data, **paths)
     ssd = dataclasses.replace(cfg.ssd, paths=tuple(absolute(p) for p in cfg.ssd.paths))
     if len(set(ssd.paths)) != len(ssd.paths):
         # Checked again after resolution: 'ssd' and './ssd' are the same directory.

@@ -109,7 +109,7 @@ def test_gpt_parameter_count_formula(spec: ModelSpec) -> None:
 
 def test_unknown_arch_and_unit_index() -> None:
     with pytest.raises(ValueError, match=r"model\.arch"):
-        ModelSpec(dataclasses.replace(TINY, arch="llama"))  # type: ignore[arg-type]
+        ModelSpec(dataclasses.replace(TINY, arch="mamba"))  # type: ignore[arg-type]
     with pytest.raises(IndexError, match=r"units 0\.\.4"):
         build_gpt_unit(TINY, TINY.n_layer + 2)
 

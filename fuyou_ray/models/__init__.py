@@ -3,6 +3,7 @@
 `ModelSpec` is what the pipeline needs to know about a model: how many units, each unit's flat layout, how
 to build a weightless unit module, and how to initialise a unit's weights deterministically (unit by unit,
 so a model larger than RAM is initialised straight into the store). It knows nothing of where weights live.
+Architectures are registered in `ARCHITECTURES` (one model file each: gpt.py, llama.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,49 @@ import torch
 from torch import nn
 
 from fuyou_ray.config import ModelConfig
-from fuyou_ray.models.gpt import build_gpt_unit, lm_loss
+from fuyou_ray.models.cache import KVCache
+from fuyou_ray.models.gpt import IGNORE_INDEX, build_gpt_unit, lm_loss
 from fuyou_ray.models.layout import FlatLayout, ParamSlice
+from fuyou_ray.models.llama import build_llama_unit, init_llama_tensor
 
-__all__ = ["FlatLayout", "ModelSpec", "ParamSlice", "ReferenceModel", "UnitSpec", "lm_loss"]
+__all__ = [
+    "ARCHITECTURES",
+    "IGNORE_INDEX",
+    "FlatLayout",
+    "KVCache",
+    "ModelSpec",
+    "ParamSlice",
+    "ReferenceModel",
+    "UnitSpec",
+    "lm_loss",
+]
 
-_BUILDERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"gpt": build_gpt_unit}
+InitTensor = Callable[[ModelConfig, str, torch.Tensor, torch.Generator], None]
+
+
+def _init_gpt_tensor(cfg: ModelConfig, name: str, t: torch.Tensor, gen: torch.Generator) -> None:
+    """GPT-2 init; residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream stays O(1)."""
+    if name.endswith("bias"):
+        t.zero_()
+    elif "ln" in name:
+        t.fill_(1.0)
+    else:
+        std = cfg.init_std / (2 * cfg.n_layer) ** 0.5 if name.endswith("c_proj.weight") else cfg.init_std
+        t.normal_(0.0, std, generator=gen)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build unit `i` of an architecture on the current default device, and how to initialise it."""
+
+    build: Callable[[ModelConfig, int], nn.Module]
+    init_tensor: InitTensor
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt": Architecture(build_gpt_unit, _init_gpt_tensor),
+    "llama": Architecture(build_llama_unit, init_llama_tensor),
+}
 
 
 @dataclass(frozen=True)
@@ -39,14 +77,16 @@ class ModelSpec:
     """The units of a model and how to build and initialise each one. Immutable after construction."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        if cfg.arch not in _BUILDERS:
-            raise ValueError(f"model.arch {cfg.arch!r} is not supported; choose one of {sorted(_BUILDERS)}")
+        if cfg.arch not in ARCHITECTURES:
+            raise ValueError(
+                f"model.arch {cfg.arch!r} is not supported; choose one of {sorted(ARCHITECTURES)}"
+            )
         self.config = cfg
-        self._builder = _BUILDERS[cfg.arch]
+        self.arch = ARCHITECTURES[cfg.arch]
         units = []
         for index in range(cfg.n_layer + 2):
             with torch.device("meta"):
-                module = self._builder(cfg, index)
+                module = self.arch.build(cfg, index)
             layout = FlatLayout.build((n, tuple(p.shape), p.dim() >= 2) for n, p in module.named_parameters())
             units.append(UnitSpec(index, _unit_name(index, cfg.n_layer), layout))
         self.units: tuple[UnitSpec, ...] = tuple(units)
@@ -62,31 +102,22 @@ class ModelSpec:
     def build_unit(self, index: int, device: str | torch.device = "meta") -> nn.Module:
         """A unit module; on `meta` it holds no weights and runs through functional_call."""
         with torch.device(device):
-            return self._builder(self.config, index)
+            return self.arch.build(self.config, index)
 
     def init_unit(self, index: int, seed: int) -> torch.Tensor:
-        """Deterministic fp32 initial weights of one unit as a flat buffer (GPT-2 init)."""
+        """Deterministic fp32 initial weights of one unit as a flat buffer (the architecture's init)."""
         unit = self.units[index]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
         flat = torch.empty(unit.numel, dtype=torch.float32)
         named = unit.layout.unflatten(flat)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream stays O(1).
-        proj_std = self.config.init_std / (2 * self.config.n_layer) ** 0.5
         for s in unit.layout.slices:
-            t = named[s.name]
-            if s.name.endswith("bias"):
-                t.zero_()
-            elif "ln" in s.name:
-                t.fill_(1.0)
-            else:
-                std = proj_std if s.name.endswith("c_proj.weight") else self.config.init_std
-                t.normal_(0.0, std, generator=gen)
+            self.arch.init_tensor(self.config, s.name, named[s.name], gen)
         return flat
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 6 x params, plus attention scores)."""
         cfg = self.config
-        return 6.0 * self.numel + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+        return 6.0 * self.numel + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
 
 
 def _unit_name(index: int, n_layer: int) -> str:

@@ -4,8 +4,10 @@ The network is a sequence of units - embedding, n_layer transformer blocks, fina
 unit is a plain `nn.Module` whose weights may be absent between uses: the pipeline builds units on the
 `meta` device and runs them with `torch.func.functional_call`, handing in views of a flat buffer that was
 streamed from SSD. `GPT` assembles the same units with real weights, as the in-memory reference.
-Pre-LayerNorm blocks, GELU (tanh) MLP of width 4h, learned absolute positions, untied LM head, no dropout
-(fine-tuning runs are deterministic, so a replayed step reproduces bit for bit).
+Pre-LayerNorm blocks, GELU (tanh) MLP of width 4h (or `intermediate_size`), learned absolute positions,
+untied LM head, no dropout (fine-tuning runs are deterministic, so a replayed step reproduces bit for bit).
+Parameter names are GPT-2's (below `transformer.h.{i}.`), but Linear weights are (out, in) where GPT-2's
+Conv1D stores (in, out): the Hugging Face adapter transposes them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuyou_ray.config import ModelConfig
+from fuyou_ray.models.cache import KVCache
 
 
 class GPTEmbedding(nn.Module):
@@ -25,8 +28,8 @@ class GPTEmbedding(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
         return self.wte(tokens) + self.wpe(positions)
 
 
@@ -37,20 +40,25 @@ class GPTAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         b, s, h = x.shape
         q, k, v = self.c_attn(x).split(h, dim=2)
         # (B, S, h) -> (B, heads, S, h/heads)
         q, k, v = (t.view(b, s, self.n_head, h // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            # Generation: prefill (empty cache, causal) or one new position attending to all before it.
+            if cache.length and s > 1:
+                raise ValueError("a KV cache holding positions takes one new position at a time")
+            k, v = cache.append(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1)
         return self.c_proj(y.transpose(1, 2).reshape(b, s, h))
 
 
 class GPTMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
-        self.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.c_fc = nn.Linear(cfg.d_model, cfg.mlp_width)
+        self.c_proj = nn.Linear(cfg.mlp_width, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -66,8 +74,8 @@ class GPTBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = GPTMLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -94,6 +102,15 @@ def build_gpt_unit(cfg: ModelConfig, index: int) -> nn.Module:
     raise IndexError(f"GPT with {cfg.n_layer} layers has units 0..{cfg.n_layer + 1}, not {index}")
 
 
+IGNORE_INDEX = -100  # a target that takes no loss (prompt tokens, padding): cross_entropy's default
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    """Mean next-token cross entropy in fp32 over the targets that are not IGNORE_INDEX.
+
+    Written as sum / count rather than reduction='mean' so that a micro-batch whose targets are all
+    ignored (a row of prompt only) contributes 0 with zero gradient instead of NaN.
+    """
+    flat = targets.reshape(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, reduction="sum")
+    return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
