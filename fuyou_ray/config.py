@@ -92,13 +92,14 @@ class RopeScalingConfig:
 class ModelConfig:
     """Which network to train.
 
-    `arch: gpt` is GPT-2/GPT-3 (pre-LayerNorm, GELU MLP, learned positions). `arch: llama` is the Llama
+    `arch: gpt` is GPT-2/GPT-3 (pre-LayerNorm, GELU MLP, learned positions); `arch: gpt2` is the same
+    network in Hugging Face GPT-2's layout and arithmetic (Conv1D, gelu_new). `arch: llama` is the Llama
     family (RMSNorm, RoPE, SwiGLU MLP, grouped-query attention): Llama 2/3, Mistral (`sliding_window`),
     Qwen2 (`qkv_bias`). `fuyou-ray import` fills these fields from a Hugging Face config.json. The input
     embedding and the LM head are always separate (untied) units: the pipeline streams units one by one.
     """
 
-    arch: Literal["gpt", "llama"] = "gpt"
+    arch: Literal["gpt", "gpt2", "llama"] = "gpt"
     vocab_size: int = 256
     n_layer: int = 4
     n_head: int = 4
@@ -404,7 +405,7 @@ def _validate_model_family(m: ModelConfig, require: Callable[[bool, str, str], N
     defaults = ModelConfig()
     llama_only = ["n_kv_head", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "qkv_bias"]
     llama_only += ["attn_out_bias", "mlp_bias", "sliding_window"]
-    if m.arch == "gpt":
+    if m.arch != "llama":
         for name in llama_only:
             require(
                 getattr(m, name) == getattr(defaults, name),

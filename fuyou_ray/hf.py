@@ -14,11 +14,13 @@ tokenizer files. Do not export a run while it is training: open stores drop anot
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,13 @@ from fuyou_ray.errors import RunStateError
 from fuyou_ray.inspect import load_run_config
 from fuyou_ray.memory import MemoryMeter
 from fuyou_ray.models import ModelSpec
-from fuyou_ray.models.hf_adapters import HFAdapter, TensorMap, adapter_for, adapter_for_model
+from fuyou_ray.models.hf_adapters import (
+    HFAdapter,
+    TensorMap,
+    UnsupportedModelError,
+    adapter_for,
+    adapter_for_model,
+)
 from fuyou_ray.plan import WORKING_SLOTS, Plan, check_ssd_space, estimate_device_bytes, make_plan
 from fuyou_ray.records import RecordKind, record_name
 from fuyou_ray.ring import DTYPES
@@ -43,6 +51,7 @@ from fuyou_ray.safetensors_io import (
 )
 from fuyou_ray.schedule import MIN_SLOTS
 from fuyou_ray.store import SSDTensorStore, align_up, aligned_buffer
+from fuyou_ray.tokenizer import TokenizerError
 
 log = logging.getLogger("fuyou.hf")
 
@@ -80,6 +89,17 @@ def source_dtype(hf: dict[str, Any]) -> str:
     """The dtype a checkpoint declares (transformers 5: `dtype`, 4.x: `torch_dtype`), else float32."""
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     return name if name in EXPORT_DTYPES else "float32"
+
+
+@contextlib.contextmanager
+def checkpoint_errors_as_config_errors() -> Iterator[None]:
+    """For the CLI: a bad checkpoint, tokenizer or prompt is bad input (one line, exit code 2)."""
+    try:
+        yield
+    except (CheckpointError, UnsupportedModelError, TokenizerError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------- import

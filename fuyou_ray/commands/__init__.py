@@ -4,4 +4,12 @@ To add a command: write `fuyou_ray/commands/<name>.py` with a `register` functio
 and sets `func`, and list the module in `COMMANDS` below.
 """
 
-COMMANDS = ["train", "inspect", "bench"]
+COMMANDS = [
+    "train",
+    "inspect",
+    "bench",
+    "import_hf",
+    "export_hf",
+    "generate",
+    "evaluate",
+]

@@ -3,7 +3,7 @@
 `ModelSpec` is what the pipeline needs to know about a model: how many units, each unit's flat layout, how
 to build a weightless unit module, and how to initialise a unit's weights deterministically (unit by unit,
 so a model larger than RAM is initialised straight into the store). It knows nothing of where weights live.
-Architectures are registered in `ARCHITECTURES` (one model file each: gpt.py, llama.py).
+Architectures are registered in `ARCHITECTURES` (one model file each: gpt.py, gpt2.py, llama.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 from fuyou_ray.config import ModelConfig
 from fuyou_ray.models.cache import KVCache
 from fuyou_ray.models.gpt import IGNORE_INDEX, build_gpt_unit, lm_loss
+from fuyou_ray.models.gpt2 import build_gpt2_unit
 from fuyou_ray.models.layout import FlatLayout, ParamSlice
 from fuyou_ray.models.llama import build_llama_unit, init_llama_tensor
 
@@ -56,6 +57,7 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt": Architecture(build_gpt_unit, _init_gpt_tensor),
+    "gpt2": Architecture(build_gpt2_unit, _init_gpt_tensor),
     "llama": Architecture(build_llama_unit, init_llama_tensor),
 }
 

@@ -45,7 +45,7 @@ class HFAdapter(abc.ABC):
         """The ModelConfig of an HF config.json, or UnsupportedModelError naming the setting."""
 
     @abc.abstractmethod
-    def hf_name(self, unit: int, name: str, n_layer: int) -> tuple[str, bool]:
+    def hf_name(self, unit: int, name: str, cfg: ModelConfig) -> tuple[str, bool]:
         """The HF tensor name of a unit parameter, and whether HF stores it transposed."""
 
     @abc.abstractmethod
@@ -65,7 +65,7 @@ class HFAdapter(abc.ABC):
         maps = []
         for unit in spec.units:
             for s in unit.layout.slices:
-                hf_name, transpose = self.hf_name(unit.index, s.name, spec.config.n_layer)
+                hf_name, transpose = self.hf_name(unit.index, s.name, spec.config)
                 shape = (s.shape[1], s.shape[0]) if transpose else s.shape
                 maps.append(TensorMap(unit.index, s.name, hf_name, tuple(shape), transpose))
         return maps
@@ -164,10 +164,10 @@ class LlamaFamilyAdapter(HFAdapter):
             sliding_window=window,
         )
 
-    def hf_name(self, unit: int, name: str, n_layer: int) -> tuple[str, bool]:
+    def hf_name(self, unit: int, name: str, cfg: ModelConfig) -> tuple[str, bool]:
         if unit == 0:
             return f"model.{name}", False
-        if unit == n_layer + 1:
+        if unit == cfg.n_layer + 1:
             return (name if name.startswith("lm_head") else f"model.{name}"), False
         return f"model.layers.{unit - 1}.{name}", False
 
@@ -223,7 +223,8 @@ class LlamaFamilyAdapter(HFAdapter):
 
 
 class GPT2Adapter(HFAdapter):
-    """GPT2LMHeadModel onto `arch: gpt` (Conv1D weights are stored (in, out): transposed here)."""
+    """GPT2LMHeadModel onto `arch: gpt2` (its own layout); export also takes `arch: gpt` runs, whose
+    Linear weights it transposes into Conv1D's (in, out) and declares `gelu_pytorch_tanh`."""
 
     architectures = ("GPT2LMHeadModel",)
     model_types = ("gpt2",)
@@ -231,10 +232,7 @@ class GPT2Adapter(HFAdapter):
 
     def model_config(self, hf: Mapping[str, Any]) -> ModelConfig:
         act = hf.get("activation_function", "gelu_new")
-        _require(
-            act in ("gelu_new", "gelu_pytorch_tanh"),
-            f"activation_function {act!r} is not supported (supported: gelu_new, gelu_pytorch_tanh)",
-        )
+        _require(act == "gelu_new", f"activation_function {act!r} is not supported (supported: gelu_new)")
         _require(hf.get("scale_attn_weights", True), "scale_attn_weights: false is not supported")
         _require(
             not hf.get("scale_attn_by_inverse_layer_idx", False),
@@ -242,7 +240,7 @@ class GPT2Adapter(HFAdapter):
         )
         _require(not hf.get("add_cross_attention", False), "add_cross_attention: true is not supported")
         return ModelConfig(
-            arch="gpt",
+            arch="gpt2",
             vocab_size=int(hf["vocab_size"]),
             n_layer=int(hf["n_layer"]),
             n_head=int(hf["n_head"]),
@@ -253,12 +251,13 @@ class GPT2Adapter(HFAdapter):
             intermediate_size=int(hf.get("n_inner") or 0),
         )
 
-    def hf_name(self, unit: int, name: str, n_layer: int) -> tuple[str, bool]:
+    def hf_name(self, unit: int, name: str, cfg: ModelConfig) -> tuple[str, bool]:
         if unit == 0:
             return f"transformer.{name}", False
-        if unit == n_layer + 1:
+        if unit == cfg.n_layer + 1:
             return (name if name.startswith("lm_head") else f"transformer.{name}"), False
-        return f"transformer.h.{unit - 1}.{name}", name in self._conv1d
+        # arch gpt keeps Linear's (out, in); arch gpt2 holds GPT-2's own Conv1D (in, out).
+        return f"transformer.h.{unit - 1}.{name}", cfg.arch == "gpt" and name in self._conv1d
 
     def tied_fallback(self) -> dict[str, str]:
         return {"lm_head.weight": "transformer.wte.weight"}
@@ -276,7 +275,7 @@ class GPT2Adapter(HFAdapter):
             "n_layer": cfg.n_layer,
             "n_head": cfg.n_head,
             "n_inner": cfg.intermediate_size or None,
-            "activation_function": "gelu_pytorch_tanh",
+            "activation_function": "gelu_pytorch_tanh" if cfg.arch == "gpt" else "gelu_new",
             "layer_norm_epsilon": cfg.layer_norm_eps,
             "initializer_range": cfg.init_std,
             "resid_pdrop": 0.0,
