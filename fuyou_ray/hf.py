@@ -117,7 +117,8 @@ class ImportResult:
     bytes_read: int
     bytes_written: int
     seconds: float
-    peak_rss_above_baseline: int
+    peak_rss_above_baseline: int  # the streaming's own memory: staging buffer, read chunk, store work
+    peak_rss: int  # the whole process (interpreter + torch included)
 
 
 def import_config(
@@ -229,6 +230,10 @@ def import_checkpoint(
         cfg.ssd.paths, direct_io=cfg.ssd.direct_io, io_threads=cfg.ssd.io_threads, verify_checksums=True
     )
     try:
+        # Memory is measured from here: what came before (interpreter, torch and its lazy imports, the
+        # store's threads) does not grow with the model; what follows is the streaming itself.
+        store.warm_up()
+        meter.reset()
         if store.committed_step >= 0:
             raise RunStateError(
                 f"the store in {cfg.ssd.paths[0]} already holds a run (committed step "
@@ -243,6 +248,7 @@ def import_checkpoint(
         store.close()
     # Last: a run dir with a config.yaml is one `fuyou-ray train` may start; only a committed import is.
     save_config(cfg, out / "config.yaml")
+    memory = meter.report()
     return ImportResult(
         run_dir=str(out),
         config_path=str(out / "config.yaml"),
@@ -252,7 +258,8 @@ def import_checkpoint(
         bytes_read=reader.bytes_read,
         bytes_written=written,
         seconds=time.perf_counter() - t0,
-        peak_rss_above_baseline=meter.report().peak_above_baseline,
+        peak_rss_above_baseline=memory.peak_above_baseline,
+        peak_rss=memory.peak_rss,
     )
 
 

@@ -112,7 +112,9 @@ class CheckpointReader:
                 if name in self.entries:
                     raise CheckpointError(f"{self.directory}: tensor {name!r} appears in two shards")
                 self.entries[name] = entry
-        self._buffer = bytearray(chunk_bytes)
+        # Sized to what the largest tensor needs, up to chunk_bytes (a tiny model gets a tiny buffer).
+        largest = max((e.nbytes for e in self.entries.values()), default=0)
+        self._buffer = bytearray(max(8, min(chunk_bytes, largest)))
         self.bytes_read = 0
 
     def _files(self) -> list[Path]:
