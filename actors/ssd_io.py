@@ -79,7 +79,8 @@ class SSDIOActor:
                 f"nothing was committed (the run stays at step {self.store.committed_step}). "
                 "Lower optimizer.lr or check the data."
             )
-        self.store.commit(step, {**meta, **summary})
+        with self.timeline.span("ssd write", f"commit {step}"):
+            self.store.commit(step, {**meta, **summary})
         return step
 
     def discard_staged(self) -> None:

@@ -180,6 +180,7 @@ class SSDTensorStore:
         self.verify = verify_checksums
         self.chunk_bytes = chunk_bytes
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="fuyou-io")
+        self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-unlink")
         self._lock = threading.Lock()
         self._staged: dict[str, TensorRecord] = {}
         self.manifest = self._load_manifest()
@@ -244,7 +245,12 @@ class SSDTensorStore:
         for f in futures:
             f.result()
 
+    def wait_for_deletions(self) -> None:
+        """Block until files superseded by earlier commits are unlinked."""
+        self._deleter.submit(lambda: None).result()
+
     def close(self) -> None:
+        self._deleter.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------------ queries
@@ -433,13 +439,12 @@ class SSDTensorStore:
             for name, rec in staged.items():
                 if self._staged.get(name) is rec:
                     del self._staged[name]
-        # Only now that the new manifest is durable may the superseded and transient files go.
-        for name, rec in old.records.items():
-            if records[name].version != rec.version:
-                self._delete_files(rec)
-        for rec in staged.values():
-            if rec.transient:
-                self._delete_files(rec)
+        # Only now that the new manifest is durable may the superseded and transient files go. Unlinking
+        # GBs of files takes seconds on some filesystems, so it runs off the step's critical path; a
+        # crash before it finishes leaves unreferenced files, which the next open removes.
+        doomed = [rec for name, rec in old.records.items() if records[name].version != rec.version]
+        doomed += [rec for rec in staged.values() if rec.transient]
+        self._deleter.submit(lambda: [self._delete_files(rec) for rec in doomed])
 
     def discard_staged(self) -> None:
         """Forget and delete everything written since the last commit (the step is abandoned)."""

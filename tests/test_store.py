@@ -329,6 +329,7 @@ def test_commit_publishes_and_then_deletes_superseded_files(store: SSDTensorStor
 
     store._delete_files = checking_delete  # type: ignore[method-assign]
     store.commit(2, {"k": "v"})
+    store.wait_for_deletions()  # superseded files are unlinked off the critical path
     assert deleted_when == [2]
     assert not record_files(old) & store_files(dirs2)
     assert store_files(dirs2) == record_files(new) | record_files(keep)
@@ -437,6 +438,7 @@ def test_restaging_a_record_deletes_the_superseded_staged_version(
     assert not record_files(first) & store_files(dirs2)
     assert torch.equal(get(store, "u00000.param"), latest)
     store.commit(3, {})
+    store.wait_for_deletions()
     assert store_files(dirs2) == record_files(second)
     put(store, "u00001.param", data(100, seed=4), version=4)
     put(store, "u00001.param", data(100, seed=5), version=5)
