@@ -288,6 +288,7 @@ def run_bench(cfg: RunConfig, warmup: int = 1, steps: int = 3) -> dict[str, Any]
         "ray_overhead_fraction": ray_s / step_s,
         "busy_s": busy,
         "memory": measured.memory,
+        "peak_gpu_bytes": measured.peak_device_bytes,
         "warmup_steps": len(first.steps),
         "losses": [s.loss for s in measured.steps],
     }
@@ -330,6 +331,8 @@ def format_table(r: dict[str, Any]) -> str:
         f"plain in-GPU block {r['peer_tflops']:.1f} -> ratio {r['ratio_to_peer']:.3f}",
         f"  Ray calls on the GPU actor's path ~{r['ray_overhead_s'] * 1e3:.1f} ms/step "
         f"= {100 * r['ray_overhead_fraction']:.2f}% of the step (upper estimate)",
+        f"  peak GPU memory {r['peak_gpu_bytes'] / gib:.2f} GiB "
+        f"(budget {r['config']['budgets']['gpu_mem'] / gib:.0f} GiB)",
         "  peak RSS above baseline: "
         + ", ".join(f"{m['role']} {m['peak_above_baseline'] / gib:.2f} GiB" for m in r["memory"]),
     ]

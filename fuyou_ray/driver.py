@@ -60,6 +60,7 @@ class TrainResult:
     steps: list[StepRecord] = field(default_factory=list)
     memory: list[dict[str, Any]] = field(default_factory=list)
     io: dict[str, int] = field(default_factory=dict)
+    peak_device_bytes: int = 0  # CUDA memory high-water mark of the compute actor (0 on CPU)
 
 
 def model_fingerprint(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
@@ -100,6 +101,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
         reports = [*_memory(ex), meter.report()]
         result.memory = [r.__dict__ | {"peak_above_baseline": r.peak_above_baseline} for r in reports]
         result.io = ex.get(ex.call("ssd", "stats"))
+        result.peak_device_bytes = ex.get(ex.call("gpu", "peak_device_bytes"))
     (run_dir / "summary.json").write_text(json.dumps(_summary(result), indent=2))
     return result
 
