@@ -27,9 +27,17 @@ from typing import Any
 
 import torch
 
-from fuyou_ray.config import BudgetConfig, ConfigError, RunConfig, Size, config_from_dict, save_config
+from fuyou_ray.config import (
+    BudgetConfig,
+    ConfigError,
+    RunConfig,
+    Size,
+    config_from_dict,
+    format_size,
+    save_config,
+)
 from fuyou_ray.driver import model_fingerprint
-from fuyou_ray.errors import RunStateError
+from fuyou_ray.errors import BudgetError, RunStateError
 from fuyou_ray.inspect import load_run_config
 from fuyou_ray.memory import MemoryMeter
 from fuyou_ray.models import ModelSpec
@@ -167,13 +175,20 @@ def _fitting_budgets(cfg: RunConfig) -> BudgetConfig:
 
 def plan_for_import(cfg: RunConfig, spec: ModelSpec) -> Plan:
     """The plan the training run will make. An import may run where the training GPU is absent: with
-    runtime.device 'cuda' it writes params in the GPU's compute dtype (bf16) all the same."""
-    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
-        plan = make_plan(
-            dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device="cpu")), spec
+    runtime.device 'cuda' it writes params in the GPU's compute dtype (bf16) all the same, and checks the
+    device budget at that dtype (the CPU fallback's fp32 estimate would refuse a model the GPU can hold)."""
+    if cfg.runtime.device != "cuda" or torch.cuda.is_available():
+        return make_plan(cfg, spec)
+    needed = estimate_device_bytes(cfg, spec, 2)
+    if needed > cfg.budgets.gpu_mem:
+        raise BudgetError(
+            f"budgets.gpu_mem = {format_size(cfg.budgets.gpu_mem)} is too small: the batch needs about "
+            f"{format_size(needed)} on the GPU; raise budgets.gpu_mem or lower the batch"
         )
-        return dataclasses.replace(plan, device="cuda", param_dtype="bfloat16")
-    return make_plan(cfg, spec)
+    unlimited = dataclasses.replace(cfg.budgets, gpu_mem=Size(1 << 62))
+    runtime = dataclasses.replace(cfg.runtime, device="cpu")
+    plan = make_plan(dataclasses.replace(cfg, runtime=runtime, budgets=unlimited), spec)
+    return dataclasses.replace(plan, device="cuda", param_dtype="bfloat16", device_bytes_needed=needed)
 
 
 def resolve_sources(adapter: HFAdapter, spec: ModelSpec, reader: CheckpointReader, where: str) -> list[str]:
