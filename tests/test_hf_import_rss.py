@@ -1,5 +1,5 @@
 """Import streams: the peak RSS of an import (in its own process) stays near one unit's size, far below the
-checkpoint's, on a 64-layer model whose checkpoint is several times the memory the import may use."""
+checkpoint's, on a 24-layer model whose checkpoint is several times the memory the import may use."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fuyou_ray.config import ModelConfig
 from fuyou_ray.models import ModelSpec
 from tests.conftest import REPO
 
-LAYERS, HIDDEN, FFN, VOCAB = 64, 384, 1024, 4096
+LAYERS, HIDDEN, FFN, VOCAB = 24, 384, 1024, 4096
 BUDGET = 32 * 1024**2  # what the import may use above its interpreter + torch baseline
 
 
