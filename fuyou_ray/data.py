@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -319,14 +320,16 @@ def load_token_file(path: Path, token_dtype: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- tokenize
 
 
-def _tokenize_text(text: str, tokenizer: ByteTokenizer | HFTokenizer, add_eos: bool) -> list[int]:
-    """A whole text as one document: special tokens (e.g. BOS) once at the start, EOS at the end."""
-    ids: list[int] = []
+def _tokenize_text(text: str, tokenizer: ByteTokenizer | HFTokenizer, add_eos: bool) -> np.ndarray:
+    """A whole text as one document: special tokens (e.g. BOS) once at the start, EOS at the end.
+
+    Ids accumulate in a 4-byte array, not a list of Python ints (9x smaller for a large file)."""
+    ids = array("i")
     for k, piece in enumerate(_pieces(text)):
         ids.extend(tokenizer.encode(piece, add_special_tokens=k == 0))
     if add_eos and tokenizer.eos_id is not None:
         ids.append(tokenizer.eos_id)
-    return ids
+    return np.frombuffer(ids, dtype=np.int32) if ids else np.zeros(0, np.int32)
 
 
 def _pieces(text: str) -> Iterator[str]:
@@ -482,9 +485,7 @@ class TokenCache:
         if hit is not None:
             return Examples(*hit)
         log.info("tokenizing %s", path)
-        tokens: list[int] = []
-        loss: list[bool] = []
-        offsets = [0]
+        tokens, loss, offsets = array("i"), array("b"), array("q", [0])
         for number, record in read_jsonl(path):
             try:
                 ids, flags = tokenize_record(record, self.tokenizer, self.add_eos)
@@ -496,7 +497,9 @@ class TokenCache:
         if len(offsets) == 1:
             raise DataError(f"{path}: no records")
         examples = Examples(
-            np.asarray(tokens, dtype=np.int32), np.asarray(loss, dtype=bool), np.asarray(offsets, np.int64)
+            np.frombuffer(tokens, dtype=np.int32) if tokens else np.zeros(0, np.int32),
+            np.frombuffer(loss, dtype=np.int8).astype(bool),
+            np.frombuffer(offsets, dtype=np.int64),
         )
         self._store(
             key, {"tokens": examples.tokens, "loss": examples.loss, "offsets": examples.offsets}, path
