@@ -444,7 +444,7 @@ class SSDTensorStore:
         # crash before it finishes leaves unreferenced files, which the next open removes.
         doomed = [rec for name, rec in old.records.items() if records[name].version != rec.version]
         doomed += [rec for rec in staged.values() if rec.transient]
-        self._deleter.submit(lambda: [self._delete_files(rec) for rec in doomed])
+        self._deleter.submit(self._delete_all, doomed)
 
     def discard_staged(self) -> None:
         """Forget and delete everything written since the last commit (the step is abandoned)."""
@@ -476,6 +476,10 @@ class SSDTensorStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def _delete_all(self, records: list[TensorRecord]) -> None:
+        for rec in records:
+            self._delete_files(rec)
 
     def _delete_files(self, rec: TensorRecord) -> None:
         for k, s in enumerate(rec.stripes):
