@@ -167,6 +167,7 @@ class SSDTensorStore:
         io_threads: int = 8,
         verify_checksums: bool = True,
         chunk_bytes: int = CHUNK_BYTES,
+        background_unlink: bool = True,
     ) -> None:
         if not paths:
             raise StorePathError("no SSD directory given: set ssd.paths to one or more directories")
@@ -181,6 +182,7 @@ class SSDTensorStore:
         self.chunk_bytes = chunk_bytes
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="fuyou-io")
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-unlink")
+        self._background_unlink = background_unlink
         self._lock = threading.Lock()
         self._staged: dict[str, TensorRecord] = {}
         self.manifest = self._load_manifest()
@@ -444,7 +446,10 @@ class SSDTensorStore:
         # crash before it finishes leaves unreferenced files, which the next open removes.
         doomed = [rec for name, rec in old.records.items() if records[name].version != rec.version]
         doomed += [rec for rec in staged.values() if rec.transient]
-        self._deleter.submit(self._delete_all, doomed)
+        if self._background_unlink:
+            self._deleter.submit(self._delete_all, doomed)
+        else:
+            self._delete_all(doomed)
 
     def discard_staged(self) -> None:
         """Forget and delete everything written since the last commit (the step is abandoned)."""

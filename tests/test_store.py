@@ -47,6 +47,9 @@ def make_dirs(tmp: Path, n: int) -> list[Path]:
 def open_store(dirs: list[Path], **kwargs: object) -> SSDTensorStore:
     kwargs.setdefault("chunk_bytes", CHUNK)
     kwargs.setdefault("io_threads", 4)
+    # Unlink superseded files inline so the tests can assert on the directory right after a commit;
+    # test_background_unlink covers the default.
+    kwargs.setdefault("background_unlink", False)
     return SSDTensorStore(dirs, **kwargs)  # type: ignore[arg-type]
 
 
@@ -179,7 +182,7 @@ def test_round_trip_awkward_sizes(tmp_path: Path, ndirs: int, dtype: torch.dtype
 
 def test_round_trip_without_checksums_and_default_chunks(tmp_path: Path) -> None:
     dirs = make_dirs(tmp_path, 2)
-    s = SSDTensorStore(dirs, verify_checksums=False)
+    s = SSDTensorStore(dirs, verify_checksums=False, background_unlink=False)
     try:
         t = data(100_000, seed=3)
         put(s, "u00000.param", t, version=0)
@@ -495,6 +498,7 @@ def test_transient_records_never_reach_a_committed_manifest(store: SSDTensorStor
     assert torch.equal(get(store, "u00000.grad"), g)
     assert record_files(grad) <= store_files(dirs2)
     store.commit(1, {})
+    store.wait_for_deletions()
     # ...but never published, and its files are gone after the commit.
     assert [r["name"] for r in manifest_on_disk(dirs2)["records"]] == ["u00000.param"]
     assert not store.has("u00000.grad")
@@ -725,5 +729,19 @@ def test_direct_io_off_skips_the_probe(tmp_path: Path, monkeypatch: pytest.Monke
         t = data(3000, seed=2)
         put(s, "u00000.param", t, version=0)
         assert torch.equal(get(s, "u00000.param"), t)
+    finally:
+        s.close()
+
+
+def test_background_unlink_runs_off_the_commit_and_completes(dirs2: list[Path]) -> None:
+    s = open_store(dirs2, background_unlink=True)
+    try:
+        old = put(s, "u00000.master", data(9000, seed=1), version=1)
+        s.commit(1, {})
+        new = put(s, "u00000.master", data(9000, seed=2), version=2)
+        s.commit(2, {})
+        s.wait_for_deletions()
+        assert not record_files(old) & store_files(dirs2)
+        assert store_files(dirs2) == record_files(new)
     finally:
         s.close()
