@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= dev
 endif
 
-.PHONY: demo test lint typecheck unit clean
+.PHONY: demo test lint typecheck unit browser clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ typecheck: $(BIN)/.installed
 unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not gpu" tests $(PYTEST_ARGS)
 
-test: lint typecheck unit
+# The browser tests' chromium (Debian's) and playwright-core; where they truly cannot be installed the
+# script prints "SKIP browser tests: <why>" and those tests skip with that reason.
+browser:
+	.ci/install-browser.sh
+
+test: lint typecheck browser unit
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

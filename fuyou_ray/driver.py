@@ -7,14 +7,10 @@ changes on SSD is published by the step's commit; a run stopped at any point res
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from fuyou_ray.errors import RunStateError
 from fuyou_ray.executor import ActorSetup, Executor, LocalExecutor, RayExecutor
 from fuyou_ray.memory import MemoryMeter
 from fuyou_ray.models import ModelSpec
+from fuyou_ray.observer import build_observer
 from fuyou_ray.optim import AdamWStep, learning_rate
 from fuyou_ray.plan import Plan, check_ssd_space, make_plan
 from fuyou_ray.ring import Ring, make_spec, remove_stale_segments
@@ -89,7 +86,8 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
         (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
         result = TrainResult(str(run_dir), plan, start, start)
         last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-        with _progress(start, cfg.steps) as progress, open(run_dir / "metrics.jsonl", "a") as metrics:
+        observer = build_observer(cfg, plan, run_dir, start, ex)
+        with observer, open(run_dir / "metrics.jsonl", "a") as metrics:
             for step in range(start, last):
                 record, spans = run_step(ex, cfg, plan, spec, data, step)
                 write_timeline(run_dir / "timeline.json", record.step, spans)
@@ -97,12 +95,13 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
                 result.final_step = record.step
                 metrics.write(json.dumps(record.__dict__) + "\n")
                 metrics.flush()
-                progress(record)
+                observer.on_step(record, spans)
         reports = [*_memory(ex), meter.report()]
         result.memory = [r.__dict__ | {"peak_above_baseline": r.peak_above_baseline} for r in reports]
         result.io = ex.get(ex.call("ssd", "stats"))
         result.peak_device_bytes = ex.get(ex.call("gpu", "peak_device_bytes"))
     (run_dir / "summary.json").write_text(json.dumps(_summary(result), indent=2))
+    observer.on_end(result)
     return result
 
 
@@ -223,32 +222,3 @@ def _summary(result: TrainResult) -> dict[str, Any]:
         "io": result.io,
         "last_loss": result.steps[-1].loss if result.steps else None,
     }
-
-
-@contextlib.contextmanager
-def _progress(start: int, total: int) -> Iterator[Any]:
-    """A tqdm bar on a terminal; one plain line per step in logs (ray job logs, CI)."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-        def update(r: StepRecord) -> None:
-            bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{r.tokens_per_s:,.0f}", tflops=f"{r.tflops:.3f}")
-            bar.update(1)
-
-        try:
-            yield update
-        finally:
-            bar.close()
-    else:
-
-        def line(r: StepRecord) -> None:
-            loss = f"{r.loss:.4f}" if math.isfinite(r.loss) else str(r.loss)
-            print(
-                f"step {r.step}/{total} loss {loss} grad_norm {r.grad_norm:.3f} lr {r.lr:.2e} "
-                f"{r.seconds:.2f}s {r.tokens_per_s:,.0f} tok/s {r.tflops:.4f} TFLOPS",
-                flush=True,
-            )
-
-        yield line

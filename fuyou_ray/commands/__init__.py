@@ -8,6 +8,8 @@ COMMANDS = [
     "train",
     "inspect",
     "bench",
+    "report",
+    "status",
     "import_hf",
     "export_hf",
     "generate",
