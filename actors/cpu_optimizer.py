@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
+from fuyou_ray.errors import NonFiniteStepError
 from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.optim import AdamWStep, adamw_update_
 from fuyou_ray.ring import RingMapping, RingSpec, SlotHandle
@@ -16,7 +20,9 @@ class CPUOptimizerActor:
     Owns nothing but a ring mapping and its torch thread count. `update` runs AdamW in place on the slots
     holding a unit's master weights, moments and gradient - only the [lo, hi) element range it is given,
     so the pool shares one unit without copies - and writes the new compute-dtype params into `params`.
-    Stateless between calls, so a restarted actor simply continues.
+    Stateless between calls, so a restarted actor simply continues. `update` is not idempotent (it updates
+    its slots in place): Ray never retries it (max_task_retries=0); after a failure the driver replays the
+    step, which reads the state into the slots afresh.
     """
 
     def __init__(self, ring: RingSpec, rank: int, threads: int) -> None:
@@ -43,12 +49,27 @@ class CPUOptimizerActor:
         grad_scale: float,
         *after: object,
     ) -> int:
-        """AdamW on elements [lo, hi) of one unit; returns the number of elements updated."""
+        """AdamW on elements [lo, hi) of one unit; returns the number of elements updated.
+
+        Refuses (NonFiniteStepError) a non-finite gradient before touching the state, so NaN never reaches
+        the SSD: with clipping the coefficient says it (NaN for a NaN norm, 0 for an infinite one); without
+        it (scale 1) the gradient range itself is checked - one summing pass, which any NaN or inf poisons.
+        """
         w, g, m, v, p = (self.ring.tensor(h)[lo:hi] for h in (master, grad, exp_avg, exp_avg_sq, params))
+        finite = math.isfinite(grad_scale) and grad_scale > 0
+        if finite and grad_scale == 1.0:
+            finite = bool(torch.isfinite(g.sum()))
+        if not finite:
+            raise NonFiniteStepError(
+                f"{grad.tensor}: non-finite gradient (clip coefficient {grad_scale}); unit not updated"
+            )
         with self.timeline.span("cpu adam", master.tensor, (hi - lo) * 4):
             adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
         self.elements += hi - lo
         return hi - lo
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def drain_timeline(self) -> list[Span]:
         return self.timeline.drain()

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from fuyou_ray.config import ModelConfig, SSDConfig
-from fuyou_ray.errors import NonFiniteStepError
+from fuyou_ray.config import ModelConfig, SSDConfig, format_size
+from fuyou_ray.errors import NonFiniteStepError, RunStateError
 from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.models import ModelSpec
-from fuyou_ray.records import RecordKind, record_name
+from fuyou_ray.records import OPTIMIZER_STATE, RecordKind, record_name
 from fuyou_ray.ring import DTYPES, RingMapping, RingSpec, SlotHandle
-from fuyou_ray.store import SSDTensorStore, aligned_buffer
+from fuyou_ray.store import SSDTensorStore, StoreFullError, aligned_buffer
 from fuyou_ray.timeline import Span, Timeline
 
 
@@ -22,9 +23,14 @@ class SSDIOActor:
     """Owns the `SSDTensorStore` of one run and a mapping of the ring.
 
     Lifecycle: created by the driver (name `fuyou:ssd-io`, threaded so reads and writes overlap); on
-    (re)start it opens the store, which drops whatever an unfinished step staged. `read` fills a ring slot
-    from a record; `write` stages a slot's payload as a new record version; `commit` publishes a step.
+    (re)start it opens the store - waiting for a killed predecessor's lock to go - which drops whatever an
+    unfinished attempt staged and keeps what it published. `read` fills a ring slot from a record; `write`
+    stages a slot's payload as a new record version; `publish` makes one unit's update durable; `commit`
+    publishes the step. Every call is idempotent (a repeated write, publish or commit changes nothing), so a
+    retried or replayed call is harmless.
     """
+
+    LOCK_TIMEOUT_S = 120.0  # a killed run's actors may take a while to die and release the store
 
     def __init__(self, ssd: SSDConfig, ring: RingSpec, model: ModelConfig) -> None:
         self.log = setup_logging("ssd-io")
@@ -37,15 +43,22 @@ class SSDIOActor:
             direct_io=ssd.direct_io,
             io_threads=ssd.io_threads,
             verify_checksums=ssd.verify_checksums,
+            lock_timeout_s=self.LOCK_TIMEOUT_S,
         )
         self.ring = RingMapping(ring)
         self.timeline = Timeline()
-        self.log.info("store at %s, committed step %d", ", ".join(ssd.paths), self.store.committed_step)
+        pending = self.store.pending
+        self.log.info(
+            "store at %s, committed step %d%s",
+            ", ".join(ssd.paths),
+            self.store.committed_step,
+            f", step {pending.step} partly published" if pending else "",
+        )
 
     # ------------------------------------------------------------------------------ the step's I/O
 
     def read(self, name: str, slot: SlotHandle, *after: object) -> SlotHandle:
-        """Fill `slot` with the newest version of record `name`; returns the slot, now carrying it."""
+        """Fill `slot` with the readable version of record `name`; returns the slot, now carrying it."""
         rec = self.store.record(name)
         handle = slot.carrying(name, rec.dtype, rec.numel, rec.version)
         with self.timeline.span("ssd read", name, rec.padded_nbytes):
@@ -65,12 +78,26 @@ class SSDIOActor:
             )
         return rec.padded_nbytes
 
+    def publish(self, unit: int, version: int, step_key: str, *after: object) -> int:
+        """Make unit `unit`'s new params and optimizer state durable as part of step `version`.
+
+        The superseded optimizer state is freed at once; the superseded params stay readable until the
+        commit, because a replay of this step (after a crash) runs forward and backward on them again.
+        """
+        names = [record_name(unit, kind) for kind in (RecordKind.PARAM, *OPTIMIZER_STATE)]
+        self.store.publish(
+            version, names, {"step_key": step_key}, keep_previous=[record_name(unit, RecordKind.PARAM)]
+        )
+        return unit
+
     def commit(self, step: int, meta: Mapping[str, Any], summary: Mapping[str, float], *after: object) -> int:
         """Publish everything staged as committed step `step` (atomic), unless its loss is not finite.
 
         A step with a NaN/inf loss or gradient norm is discarded: its staged writes are deleted and the
-        last committed state stays as it was.
+        last committed state stays as it was. Committing a step that is already committed does nothing.
         """
+        if self.store.committed_step == step:
+            return step
         bad = {k: v for k, v in summary.items() if not math.isfinite(v)}
         if bad:
             self.store.discard_staged()
@@ -83,8 +110,47 @@ class SSDIOActor:
             self.store.commit(step, {**meta, **summary})
         return step
 
+    def skip(self, step: int, meta: Mapping[str, Any]) -> int:
+        """Commit step `step` without changing any record (a non-finite step skipped by policy)."""
+        if self.store.committed_step == step:
+            return step
+        self.store.discard_staged()
+        if self.store.pending is not None:
+            raise RunStateError(f"step {step} cannot be skipped: some of its units are already updated")
+        self.store.commit(step, dict(meta))
+        return step
+
+    def pending(self) -> tuple[int, list[int], dict[str, Any]] | None:
+        """(step, units already updated, the step's inputs key) of a partly published step, else None."""
+        pending = self.store.pending
+        if pending is None:
+            return None
+        units = sorted(
+            {int(name[1:6]) for name in pending.records if name.endswith("." + RecordKind.MASTER.value)}
+        )
+        return pending.step, units, dict(pending.meta)
+
+    def rollback(self) -> int:
+        """Forget what the abandoned attempt staged (published units stay); returns the committed step."""
+        self.store.discard_staged()
+        return self.store.committed_step
+
     def discard_staged(self) -> None:
         self.store.discard_staged()
+
+    def reserve(self, nbytes: int) -> int:
+        """Refuse (StoreFullError) to start a step that needs `nbytes` more than the SSDs have free."""
+        free = self.store.free_bytes()
+        if free < nbytes:
+            raise StoreFullError(
+                f"{', '.join(str(d.parent) for d in self.store.dirs)}: {format_size(free)} free, but the "
+                f"next step needs {format_size(nbytes)} of scratch space; free space or add a directory "
+                f"to ssd.paths, then re-run to resume from step {self.store.committed_step}"
+            )
+        return free
+
+    def pid(self) -> int:
+        return os.getpid()
 
     # ------------------------------------------------------------------------------ set-up and queries
 

@@ -18,6 +18,8 @@ The step, with L units (embedding, blocks, head):
    - exact clipping (max_grad_norm > 0): every G is logged to SSD during backward, because the clipping
      coefficient needs all of them; the optimizer runs after the last backward.
    - no clipping: optimizer(u) consumes G_u straight from the ring, overlapping backward(u-1) (Fuyou).
+   Once a unit's W, m, v, P are written, `publish` makes its update durable (so the SSD never holds two
+   copies of more than the units in flight); a replay after a crash skips the units already published.
 5. commit the step (manifest), after every write.
 """
 
@@ -102,6 +104,9 @@ class StepInputs:
     param_dtype: str
     pool_size: int
     commit_meta: Mapping[str, Any]
+    # Replay after a crash: units whose update of this step is already published are not updated again.
+    done_units: frozenset[int] = frozenset()
+    step_key: str = ""  # identifies the step's inputs; every unit of one step is published with it
 
 
 def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
@@ -160,7 +165,9 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         e = sched.add(
             "gpu", "emit_grad", u, g_slot, after=fence, phase="backward", unit=u, nbytes=g_slot.nbytes
         )
-        if clipping:
+        if u in s.done_units:  # a replay: the unit is already updated, its gradient is not needed
+            slots.consumed_by(g_slot, [e])
+        elif clipping:
             writes.append(write(e, g_slot, u, True, [], spec.units[u].numel * 4))
             grads[u] = writes[-1]
         else:
@@ -181,7 +188,7 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         coef = sched.add(
             "gpu", "clip_coefficient", s.max_grad_norm, after=list(grads.values()), phase="optimizer"
         )
-        for u in range(last, -1, -1):
+        for u in (u for u in range(last, -1, -1) if u not in s.done_units):
             g_read, g_slot = read(u, RecordKind.GRAD, "optimizer", after=[grads[u]])
             _optimizer(sched, slots, spec, s, u, Ref(g_read), g_slot, Ref(coef), read, write, writes)
 
@@ -239,10 +246,14 @@ def _optimizer(
             )
         )
     slots.consumed_by(g_slot, updates)
-    for op, slot in state.values():
-        writes.append(write(op, slot, u, False, updates, unit.numel * 4))
+    unit_writes = [write(op, slot, u, False, updates, unit.numel * 4) for op, slot in state.values()]
     p_bytes = unit.numel * _itemsize(s.param_dtype)
-    writes.append(_write_new_params(sched, slots, p_out, u, s.step + 1, updates, p_bytes))
+    unit_writes.append(_write_new_params(sched, slots, p_out, u, s.step + 1, updates, p_bytes))
+    # The unit's update becomes durable as a whole once its four records are written (crash consistency
+    # without a second copy of the state: see store.py).
+    writes.append(
+        sched.add("ssd", "publish", u, s.step + 1, s.step_key, after=unit_writes, phase="commit", unit=u)
+    )
 
 
 def _write_new_params(

@@ -1,12 +1,27 @@
-"""The SSD tensor store: one record per stored tensor, O_DIRECT I/O from a thread pool, atomic commits.
+"""The SSD tensor store: one record per stored tensor, O_DIRECT I/O from a thread pool, crash-consistent.
 
 Layout on disk. Each SSD directory holds `fuyou-store/` with one file per (record, version, stripe):
 `u00003.master.v000012.s1` is stripe 1 of unit 3's fp32 master weights as written by step 12. A record's
 bytes (padded to 4 KiB) are split into one contiguous stripe per directory, so a read or write of one record
-keeps every SSD busy. Writes never touch a committed file: a new version goes to new files (copy-on-write),
-and `commit()` publishes the step by writing `manifest.json` (fsync + rename + fsync of the directory); only
-then are the superseded files deleted. A crash before the rename leaves the previous step intact; staged
-files of an unfinished step are found and removed when the store is opened again.
+keeps every SSD busy. A record file is written once, by one `write_from`, and never modified afterwards: a
+new version goes to new files, so no committed copy is ever overwritten in place (and a checkpoint may
+hard-link them).
+
+Crash consistency without doubling the state. A step moves through three durable states:
+- `manifest.json` (written with fsync + rename + fsync of the directory) names the records of the last
+  committed step s, plus driver metadata.
+- `journal.jsonl` lists units of step s+1 already *published*: `publish()` makes a unit's new versions
+  durable (one fsync'd, checksummed journal line), and only then deletes the versions they supersede -
+  except those the caller keeps until the commit (the compute-dtype params, which a replay of the step
+  still reads). So at most the units in flight exist twice, never the whole state.
+- `commit(s+1)` writes the next manifest (every published and staged record) and removes the journal.
+Records written but not yet published are *staged*: a crash forgets them, and opening the store deletes
+their files. A step interrupted after some units were published is finished by replaying it: the
+published units are skipped (`pending`), the others updated from the same inputs, so the result is the
+one an uninterrupted step gives, bit for bit. Reads see the committed state plus what this process staged
+(a step's gradient log); published versions become visible at the commit.
+
+One process owns a store at a time (`StoreLock`, an flock released by the kernel however the process dies).
 
 Integrity. Each 4 MiB chunk carries a CRC-32 computed in the I/O thread that moved it; reads verify them
 (`verify_checksums`), so a torn or corrupted record is named, never trained on.
@@ -28,19 +43,24 @@ import mmap
 import os
 import threading
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
+
+from fuyou_ray.journal import Journal, StoreLock, StoreLockedError, fsync_dir
 
 log = logging.getLogger(__name__)
 
 ALIGN = 4096
 CHUNK_BYTES = 4 * 1024 * 1024
 MANIFEST = "manifest.json"
+JOURNAL = "journal.jsonl"
+LOCK = ".lock"
 STORE_DIR = "fuyou-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1 stores (no journal) open unchanged
 
 
 def align_up(n: int, alignment: int = ALIGN) -> int:
@@ -71,10 +91,17 @@ class ManifestError(StoreError):
     """The manifest is unreadable, from another format, or names files that are missing."""
 
 
+class StoreBusyError(StoreError, StoreLockedError):
+    """Another live process owns the store."""
+
+
 class RecordState(enum.Enum):
-    """STAGED: written by the step in progress. COMMITTED: part of the last published step."""
+    """STAGED: written by this process, not durable. PUBLISHED: durable as part of the step in progress
+    (journal). COMMITTED: part of the last committed step (manifest). Legal moves: STAGED -> PUBLISHED ->
+    COMMITTED, STAGED -> COMMITTED (a commit publishes what is staged), STAGED -> deleted (discard)."""
 
     STAGED = "staged"
+    PUBLISHED = "published"
     COMMITTED = "committed"
 
 
@@ -137,6 +164,20 @@ class Manifest:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PendingStep:
+    """The published part of the step after the committed one (what the journal holds).
+
+    `meta` identifies the step's inputs: every unit of one step must be published with the same meta, so a
+    replay with other inputs (a changed config) cannot mix with what was already applied.
+    """
+
+    step: int
+    meta: dict[str, Any]
+    records: dict[str, TensorRecord] = field(default_factory=dict)
+    keep: set[str] = field(default_factory=set)  # names whose committed version stays until the commit
+
+
 class TensorStore(Protocol):
     """The narrow storage protocol the actors use. Buffers are writable/readable memoryviews."""
 
@@ -152,11 +193,12 @@ class TensorStore(Protocol):
 
 
 class SSDTensorStore:
-    """The on-SSD store of one run. Owns its directories' `fuyou-store/` folders and the manifest.
+    """The on-SSD store of one run. Owns its directories' `fuyou-store/` folders, the manifest and journal.
 
-    Lifecycle: `SSDTensorStore(paths)` opens or creates the store and removes leftovers of an unfinished
-    step; `write_from`/`read_into` move records during a step; `commit(step)` publishes it; `close()`
-    stops the I/O threads. Thread-safe: the SSD actor calls it from several threads at once.
+    Lifecycle: `SSDTensorStore(paths)` takes the store's lock, opens or creates it and removes leftovers of
+    an unfinished step (staged files; a torn journal line); `write_from`/`read_into` move records during a
+    step; `publish` makes a unit's new versions durable; `commit(step)` publishes the step; `close()` stops
+    the I/O threads and releases the lock. Thread-safe: the SSD actor calls it from several threads at once.
     """
 
     def __init__(
@@ -167,6 +209,7 @@ class SSDTensorStore:
         io_threads: int = 8,
         verify_checksums: bool = True,
         chunk_bytes: int = CHUNK_BYTES,
+        lock_timeout_s: float = 5.0,
         background_unlink: bool = True,
     ) -> None:
         if not paths:
@@ -174,19 +217,34 @@ class SSDTensorStore:
         if chunk_bytes % ALIGN:
             raise ValueError(f"chunk_bytes must be a multiple of {ALIGN}")
         self.dirs = [self._prepare_dir(Path(p)) for p in paths]
-        self.direct = [direct_io and _supports_o_direct(d) for d in self.dirs]
-        for d, ok in zip(self.dirs, self.direct, strict=True):
-            if direct_io and not ok:
-                log.warning("%s refuses O_DIRECT (tmpfs or overlay?): using buffered I/O there", d)
-        self.verify = verify_checksums
-        self.chunk_bytes = chunk_bytes
+        self._store_lock = StoreLock(self.dirs[0] / LOCK)
+        try:
+            self._store_lock.acquire(lock_timeout_s)
+        except StoreLockedError as exc:
+            raise StoreBusyError(str(exc)) from None
+        try:
+            self.direct = [direct_io and _supports_o_direct(d) for d in self.dirs]
+            for d, ok in zip(self.dirs, self.direct, strict=True):
+                if direct_io and not ok:
+                    log.warning("%s refuses O_DIRECT (tmpfs or overlay?): using buffered I/O there", d)
+            self.verify = verify_checksums
+            self.chunk_bytes = chunk_bytes
+            self._lock = threading.Lock()  # guards the record maps
+            self._meta_lock = threading.Lock()  # serialises journal and manifest writes
+            self._staged: dict[str, TensorRecord] = {}
+            self.manifest = self._load_manifest()
+            self.journal = Journal(self.dirs[0] / JOURNAL)
+            self._pending = self._load_journal()
+            self._check_files()
+            self._remove_unreferenced_files()
+        except BaseException:
+            self._store_lock.release()
+            raise
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="fuyou-io")
+        # Unlinking GBs of superseded files takes seconds on some filesystems: it runs off the step's
+        # critical path. A crash before it finishes leaves unreferenced files, which the next open removes.
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-unlink")
         self._background_unlink = background_unlink
-        self._lock = threading.Lock()
-        self._staged: dict[str, TensorRecord] = {}
-        self.manifest = self._load_manifest()
-        self._remove_unreferenced_files()
         self.bytes_read = 0
         self.bytes_written = 0
 
@@ -204,7 +262,7 @@ class SSDTensorStore:
             return Manifest()
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != FORMAT_VERSION:
+            if data.get("format") not in READABLE_FORMATS:
                 raise ManifestError(f"{path}: format {data.get('format')!r}, expected {FORMAT_VERSION}")
             if data.get("num_dirs") != len(self.dirs):
                 raise ManifestError(
@@ -212,29 +270,66 @@ class SSDTensorStore:
                     f"ssd.paths lists {len(self.dirs)}; give the same directories in the same order"
                 )
             records = {r["name"]: TensorRecord.from_json(r) for r in data["records"]}
-            manifest = Manifest(step=int(data["step"]), records=records, meta=dict(data.get("meta", {})))
+            return Manifest(step=int(data["step"]), records=records, meta=dict(data.get("meta", {})))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(
                 f"{path}: unreadable manifest ({exc}); restore it or start a new run"
             ) from exc
-        for rec in manifest.records.values():
-            for k, stripe in enumerate(rec.stripes):
-                file = self.dirs[stripe.directory] / rec.file_name(k)
-                if not file.exists() or file.stat().st_size < stripe.nbytes:
-                    raise ManifestError(f"{path}: record {rec.name} names {file}, which is missing or short")
-        return manifest
+
+    def _load_journal(self) -> PendingStep | None:
+        """The published units of the step after the committed one. Entries of other steps are stale (a
+        crash between the manifest's rename and the journal's removal): the manifest already has them."""
+        entries = self.journal.load()
+        valid = [e for e in entries if e.get("step") == self.manifest.step + 1]
+        if len(valid) != len(entries) or (entries and len(entries) != _count_lines(self.journal.path)):
+            # Drop stale entries and a torn tail now, so that the next append follows a valid line.
+            self.journal.rewrite(valid)
+        pending: PendingStep | None = None
+        try:
+            for e in valid:
+                if pending is None:
+                    pending = PendingStep(int(e["step"]), dict(e["meta"]))
+                for r in e["records"]:
+                    rec = TensorRecord.from_json(r)
+                    pending.records[rec.name] = replace(rec, state=RecordState.PUBLISHED)
+                pending.keep.update(e.get("keep", []))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ManifestError(
+                f"{self.journal.path}: unreadable entry ({exc}); restore a checkpoint"
+            ) from exc
+        return pending
+
+    def _check_files(self) -> None:
+        """Every file the manifest and journal name must exist (a committed version superseded by a
+        published one may already be gone: its deletion is what publication allows)."""
+        pending = self._pending.records if self._pending else {}
+        for rec in self.manifest.records.values():
+            superseded = rec.name in pending and rec.name not in (self._pending.keep if self._pending else ())
+            if not superseded:
+                self._check_record_files(rec, self.dirs[0] / MANIFEST)
+        for rec in pending.values():
+            self._check_record_files(rec, self.journal.path)
+
+    def _check_record_files(self, rec: TensorRecord, source: Path) -> None:
+        for k, stripe in enumerate(rec.stripes):
+            file = self.dirs[stripe.directory] / rec.file_name(k)
+            if not file.exists() or file.stat().st_size < stripe.nbytes:
+                raise ManifestError(f"{source}: record {rec.name} names {file}, which is missing or short")
+
+    def _referenced(self) -> set[tuple[int, str]]:
+        recs = list(self.manifest.records.values())
+        if self._pending:
+            recs += self._pending.records.values()
+        return {(s.directory, rec.file_name(k)) for rec in recs for k, s in enumerate(rec.stripes)}
 
     def _remove_unreferenced_files(self) -> None:
         """Delete files of unfinished steps (staged before a crash) and of superseded versions."""
-        keep = {
-            (s.directory, rec.file_name(k))
-            for rec in self.manifest.records.values()
-            for k, s in enumerate(rec.stripes)
-        }
+        keep = self._referenced()
         for index, d in enumerate(self.dirs):
             for f in d.iterdir():
-                if f.name.startswith("u") and ".v" in f.name and (index, f.name) not in keep:
+                if _is_record_file(f.name) and (index, f.name) not in keep:
                     f.unlink(missing_ok=True)
+            (d / (MANIFEST.rsplit(".", 1)[0] + ".tmp")).unlink(missing_ok=True)
 
     def warm_up(self) -> None:
         """Start every I/O thread now (threads start lazily), so their stacks and malloc arenas exist
@@ -248,12 +343,13 @@ class SSDTensorStore:
             f.result()
 
     def wait_for_deletions(self) -> None:
-        """Block until files superseded by earlier commits are unlinked."""
+        """Block until files superseded by earlier publications and commits are unlinked."""
         self._deleter.submit(lambda: None).result()
 
     def close(self) -> None:
         self._deleter.shutdown(wait=True)
         self._pool.shutdown(wait=True)
+        self._store_lock.release()
 
     # ------------------------------------------------------------------------------------------ queries
 
@@ -261,26 +357,69 @@ class SSDTensorStore:
     def committed_step(self) -> int:
         return self.manifest.step
 
+    @property
+    def pending(self) -> PendingStep | None:
+        """The step after the committed one, where some of its units are already published."""
+        with self._lock:
+            return self._pending
+
     def record(self, name: str) -> TensorRecord:
-        """The newest version of `name`: staged by the step in progress, else committed."""
+        """The version a step reads: what this process staged (e.g. the step's gradient log), else the
+        committed one. Published versions of the step in progress become visible at its commit."""
         with self._lock:
             rec = self._staged.get(name) or self.manifest.records.get(name)
+            if rec is None and self._pending is not None:
+                rec = self._pending.records.get(name)
         if rec is None:
             raise RecordNotFoundError(f"the store holds no record {name!r}")
         return rec
 
     def has(self, name: str) -> bool:
         with self._lock:
-            return name in self._staged or name in self.manifest.records
+            published = self._pending is not None and name in self._pending.records
+            return name in self._staged or name in self.manifest.records or published
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted(set(self.manifest.records) | set(self._staged))
+            published = set(self._pending.records) if self._pending else set()
+            return sorted(set(self.manifest.records) | set(self._staged) | published)
 
     def stored_bytes(self) -> int:
+        """Bytes of every record file the store holds now (committed, published and staged)."""
         with self._lock:
-            recs = list(self.manifest.records.values()) + list(self._staged.values())
-        return sum(r.padded_nbytes for r in recs)
+            recs = {(r.name, r.version): r for r in self.manifest.records.values()}
+            if self._pending:
+                recs.update({(r.name, r.version): r for r in self._pending.records.values()})
+            recs.update({(r.name, r.version): r for r in self._staged.values()})
+            superseded = set()
+            if self._pending:
+                superseded = {
+                    (n, r.version)
+                    for n, r in self.manifest.records.items()
+                    if n in self._pending.records and n not in self._pending.keep
+                }
+        return sum(r.padded_nbytes for key, r in recs.items() if key not in superseded)
+
+    def free_bytes(self) -> int:
+        """Free bytes over the store's directories (each filesystem counted once)."""
+        seen: dict[int, int] = {}
+        for d in self.dirs:
+            try:
+                st = os.statvfs(d)
+                seen[os.stat(d).st_dev] = st.f_bavail * st.f_frsize
+            except FileNotFoundError as exc:
+                raise StorePathError(f"{d} is missing: was the SSD directory removed?") from exc
+        return sum(seen.values())
+
+    def committed_files(self) -> list[tuple[TensorRecord, int, Path]]:
+        """(record, stripe index, path) of every file of the committed step (for checkpoints)."""
+        with self._lock:
+            recs = list(self.manifest.records.values())
+        return [
+            (rec, k, self.dirs[s.directory] / rec.file_name(k))
+            for rec in recs
+            for k, s in enumerate(rec.stripes)
+        ]
 
     # ------------------------------------------------------------------------------------------ I/O
 
@@ -300,11 +439,15 @@ class SSDTensorStore:
         return tuple(stripes)
 
     def _open(self, directory: int, file_name: str, write: bool) -> int:
-        flags = (os.O_WRONLY | os.O_CREAT) if write else os.O_RDONLY
+        # A record file is created by exactly one write (O_EXCL after removing any leftover of the same name),
+        # so a write never goes through to a file that a checkpoint hard-linked.
+        flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL) if write else os.O_RDONLY
         if self.direct[directory]:
             flags |= os.O_DIRECT
         path = self.dirs[directory] / file_name
         try:
+            if write:
+                path.unlink(missing_ok=True)
             return os.open(path, flags, 0o644)
         except FileNotFoundError as exc:
             raise StorePathError(f"{path} is missing: was the SSD directory removed?") from exc
@@ -318,6 +461,14 @@ class SSDTensorStore:
                 yield k, stripe.offset + pos, pos, size
                 pos += size
 
+    def _durable_version(self, name: str, version: int) -> TensorRecord | None:
+        """The published or committed record `name` at exactly `version`, if there is one."""
+        with self._lock:
+            rec = self._pending.records.get(name) if self._pending else None
+            if rec is None or rec.version != version:
+                rec = self.manifest.records.get(name)
+        return rec if rec is not None and rec.version == version else None
+
     def write_from(
         self,
         name: str,
@@ -328,7 +479,14 @@ class SSDTensorStore:
         version: int,
         transient: bool = False,
     ) -> TensorRecord:
-        """Write `numel` elements of `src` as a new version (src must cover the 4 KiB-padded size)."""
+        """Write `numel` elements of `src` as a new version (src must cover the 4 KiB-padded size).
+
+        Idempotent: a version that is already durable (published or committed) is not written again, so a
+        repeated call never touches a durable file.
+        """
+        durable = self._durable_version(name, version)
+        if durable is not None and not transient:
+            return durable
         itemsize = _itemsize(dtype)
         nbytes = numel * itemsize
         padded = align_up(nbytes)
@@ -337,9 +495,15 @@ class SSDTensorStore:
         src = src.cast("B")[:padded]
         stripes = self._stripes_for(name, padded)
         rec = TensorRecord(name, dtype, numel, nbytes, version, stripes, (), chunk_bytes=self.chunk_bytes)
-        fds = [self._open(s.directory, rec.file_name(k), write=True) for k, s in enumerate(stripes)]
+        with self._lock:
+            previous = self._staged.pop(name, None)
+        if previous is not None:
+            # A version staged earlier by this process and now superseded: nothing will ever name its files.
+            self._delete_files(previous)
+        fds: list[int] = []
         try:
             for k, s in enumerate(stripes):
+                fds.append(self._open(s.directory, rec.file_name(k), write=True))
                 try:
                     os.posix_fallocate(fds[k], 0, s.nbytes)
                 except OSError as exc:
@@ -362,36 +526,35 @@ class SSDTensorStore:
             crcs = tuple(_results(futures, name))
             for fd in fds:
                 os.fsync(fd)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StoreFullError(f"SSD full while writing {name}; committed state is intact") from exc
+        except BaseException as exc:
+            for fd in fds:
+                os.close(fd)
+            fds = []
+            self._delete_files(rec)  # a half-written version is nobody's
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise StoreFullError(
+                    f"SSD full while writing {name}: free space and re-run. Committed state is intact."
+                ) from exc
             raise
         finally:
             for fd in fds:
                 os.close(fd)
         rec = replace(rec, chunk_crcs=crcs, transient=transient)
         with self._lock:
-            previous = self._staged.get(name)
             self._staged[name] = rec
             self.bytes_written += padded
-            committed = self.manifest.records.get(name)
-        # A version staged earlier in this step and now superseded: nothing will ever name its files.
-        if (
-            previous is not None
-            and previous.version != rec.version
-            and (committed is None or committed.version != previous.version)
-        ):
-            self._delete_files(previous)
         return rec
 
     def read_into(self, name: str, dest: memoryview) -> TensorRecord:
-        """Read the newest version of `name` into `dest` (which must cover the padded size)."""
+        """Read `record(name)` into `dest` (which must cover the padded size), verifying its checksums."""
         rec = self.record(name)
         if dest.nbytes < rec.padded_nbytes:
             raise ValueError(f"{name}: destination of {dest.nbytes} B < {rec.padded_nbytes} B (padded)")
         dest = dest.cast("B")[: rec.padded_nbytes]
-        fds = [self._open(s.directory, rec.file_name(k), write=False) for k, s in enumerate(rec.stripes)]
+        fds: list[int] = []
         try:
+            for k, s in enumerate(rec.stripes):
+                fds.append(self._open(s.directory, rec.file_name(k), write=False))
 
             def read_chunk(k: int, rec_off: int, file_off: int, size: int) -> int:
                 view = dest[rec_off : rec_off + size]
@@ -415,7 +578,8 @@ class SSDTensorStore:
                 if got != want:
                     raise ChecksumError(
                         f"{name} v{rec.version}: chunk {i} (bytes {chunks[i][1]}..) fails its "
-                        f"checksum (crc {got:#x} != {want:#x}): the record is corrupted on disk"
+                        f"checksum (crc {got:#x} != {want:#x}): the record is corrupted on disk "
+                        f"({self.dirs[rec.stripes[0].directory]}); restore a checkpoint"
                     )
         with self._lock:
             self.bytes_read += rec.padded_nbytes
@@ -423,43 +587,111 @@ class SSDTensorStore:
 
     # ------------------------------------------------------------------------------------------ commits
 
+    def publish(
+        self, step: int, names: Collection[str], meta: Mapping[str, Any], keep_previous: Collection[str] = ()
+    ) -> bool:
+        """Make the staged versions of `names` durable as part of step `step` (the one after the committed).
+
+        Once the journal line is on disk the versions they supersede are deleted, except `keep_previous`,
+        whose committed versions stay readable until the commit. Idempotent: names already published are
+        skipped; returns whether anything was published.
+        """
+        with self._meta_lock:
+            if step != self.manifest.step + 1:
+                raise StoreError(f"publish of step {step}, but the committed step is {self.manifest.step}")
+            with self._lock:
+                pending = self._pending
+                if pending is not None and pending.meta != dict(meta):
+                    raise StoreError(
+                        f"step {step} was partly applied with other inputs ({pending.meta}) than now "
+                        f"({dict(meta)}): resume with the config the step started with, or restore a "
+                        "checkpoint"
+                    )
+                todo: list[TensorRecord] = []
+                for name in names:
+                    rec = self._staged.get(name)
+                    if rec is None and pending is not None and name in pending.records:
+                        continue  # published before: a repeated call
+                    if rec is None or rec.transient or rec.version != step:
+                        raise StoreError(f"publish of {name} for step {step}: no staged version {step} of it")
+                    todo.append(rec)
+            if not todo:
+                return False
+            self._sync_dirs()  # the new files' directory entries are durable before the journal names them
+            self.journal.append(
+                {
+                    "step": step,
+                    "meta": dict(meta),
+                    "records": [replace(r, state=RecordState.PUBLISHED).to_json() for r in todo],
+                    "keep": sorted(keep_previous),
+                }
+            )
+            superseded = []
+            with self._lock:
+                if self._pending is None:
+                    self._pending = PendingStep(step, dict(meta))
+                for rec in todo:
+                    self._pending.records[rec.name] = replace(rec, state=RecordState.PUBLISHED)
+                    if self._staged.get(rec.name) is rec:
+                        del self._staged[rec.name]
+                    old = self.manifest.records.get(rec.name)
+                    if rec.name in keep_previous:
+                        self._pending.keep.add(rec.name)
+                    elif old is not None and old.version != rec.version:
+                        superseded.append(old)
+        self._unlink(superseded)
+        return True
+
     def commit(self, step: int, meta: Mapping[str, Any]) -> None:
-        """Publish every staged non-transient record as step `step`, atomically; drop the rest."""
-        with self._lock:
-            staged = dict(self._staged)
-        old = self.manifest
-        records = dict(old.records)
-        for name, rec in staged.items():
-            if not rec.transient:
-                records[name] = replace(rec, state=RecordState.COMMITTED)
-        new = Manifest(step=step, records=records, meta=dict(meta))
-        self._write_manifest(new)
-        # Forget the staged records only once they are durable: if the manifest write fails, they stay
-        # staged, so the commit can be retried (or the step discarded) instead of silently losing them.
-        with self._lock:
-            self.manifest = new
+        """Make every published and staged non-transient record step `step`, atomically; drop the rest."""
+        with self._meta_lock:
+            with self._lock:
+                staged = dict(self._staged)
+                pending = self._pending
+            if pending is not None and pending.step != step:
+                raise StoreError(f"commit of step {step} while step {pending.step} is partly published")
+            old = self.manifest
+            records = dict(old.records)
+            if pending is not None:
+                records.update(
+                    {n: replace(r, state=RecordState.COMMITTED) for n, r in pending.records.items()}
+                )
             for name, rec in staged.items():
-                if self._staged.get(name) is rec:
-                    del self._staged[name]
-        # Only now that the new manifest is durable may the superseded and transient files go. Unlinking
-        # GBs of files takes seconds on some filesystems, so it runs off the step's critical path; a
-        # crash before it finishes leaves unreferenced files, which the next open removes.
+                if not rec.transient:
+                    records[name] = replace(rec, state=RecordState.COMMITTED)
+            new = Manifest(step=step, records=records, meta=dict(meta))
+            self._sync_dirs()
+            self._write_manifest(new)
+            # Forget the staged records only once they are durable: if the manifest write fails, they stay
+            # staged, so the commit can be retried (or the step discarded) instead of silently losing them.
+            with self._lock:
+                self.manifest = new
+                self._pending = None
+                for name, rec in staged.items():
+                    if self._staged.get(name) is rec:
+                        del self._staged[name]
+            self.journal.remove()
+        # Only now that the new manifest is durable may the superseded and transient files go.
         doomed = [rec for name, rec in old.records.items() if records[name].version != rec.version]
         doomed += [rec for rec in staged.values() if rec.transient]
-        if self._background_unlink:
-            self._deleter.submit(self._delete_all, doomed)
-        else:
-            self._delete_all(doomed)
+        self._unlink(doomed)
 
     def discard_staged(self) -> None:
-        """Forget and delete everything written since the last commit (the step is abandoned)."""
+        """Forget and delete everything this process staged since the last publication (the attempt is
+        abandoned). Published units stay: a replay of the step skips them."""
         with self._lock:
             staged = list(self._staged.values())
             self._staged.clear()
         for rec in staged:
-            committed = self.manifest.records.get(rec.name)
-            if committed is None or committed.version != rec.version:
+            if self._durable_version(rec.name, rec.version) is None:
                 self._delete_files(rec)
+
+    def _sync_dirs(self) -> None:
+        for d in self.dirs:
+            try:
+                fsync_dir(d)
+            except FileNotFoundError as exc:
+                raise StorePathError(f"{d} is missing: was the SSD directory removed?") from exc
 
     def _write_manifest(self, manifest: Manifest) -> None:
         data = {
@@ -471,16 +703,30 @@ class SSDTensorStore:
         }
         path = self.dirs[0] / MANIFEST
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(self.dirs[0], os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except FileNotFoundError as exc:
+            raise StorePathError(f"{self.dirs[0]} is missing: was the SSD directory removed?") from exc
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno == errno.ENOSPC:
+                raise StoreFullError(
+                    f"{self.dirs[0]}: no space for the manifest; free space and re-run. Committed state "
+                    "is intact."
+                ) from exc
+            raise
+        fsync_dir(self.dirs[0])
+
+    def _unlink(self, records: list[TensorRecord]) -> None:
+        if self._background_unlink:
+            self._deleter.submit(self._delete_all, records)
+        else:
+            self._delete_all(records)
 
     def _delete_all(self, records: list[TensorRecord]) -> None:
         for rec in records:
@@ -508,7 +754,34 @@ def _results(futures: list[Future[int]], name: str) -> list[int]:
     try:
         return [f.result() for f in futures]
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise
         raise StoreError(f"I/O error on {name}: {exc}") from exc
+
+
+def step_scratch_bytes(
+    unit_numels: Sequence[int], param_itemsize: int, *, clipping: bool, units_in_flight: int
+) -> int:
+    """SSD bytes a training step needs beyond the committed state (which is sum over units of the params
+    plus 12 B/element of fp32 master weights and Adam moments, each record padded to 4 KiB).
+
+    - every unit's new params: the old ones stay until the commit, because a replay of the step reads them;
+    - the gradient log (fp32) when exact clipping is on;
+    - the whole new state of the units in flight (written, not yet published).
+    """
+    params = sum(align_up(n * param_itemsize) for n in unit_numels)
+    grads = sum(align_up(n * 4) for n in unit_numels) if clipping else 0
+    largest = max((align_up(n * param_itemsize) + 3 * align_up(n * 4) for n in unit_numels), default=0)
+    return params + grads + units_in_flight * largest
+
+
+def _is_record_file(name: str) -> bool:
+    """`u00003.master.v00000012.s1` is a record file (the others are the manifest, journal and lock)."""
+    return name.startswith("u") and ".v" in name and ".s" in name
+
+
+def _count_lines(path: Path) -> int:
+    return len(path.read_text(errors="replace").splitlines()) if path.exists() else 0
 
 
 def _supports_o_direct(directory: Path) -> bool:

@@ -27,6 +27,7 @@ from fuyou_ray.store import (
     RecordState,
     SSDTensorStore,
     StoreError,
+    StoreFullError,
     StorePathError,
     TensorRecord,
     align_up,
@@ -80,6 +81,13 @@ def put(
         version=version,
         transient=transient,
     )
+
+
+def crash(store: SSDTensorStore) -> None:
+    """What the kernel does for a process killed with the store open: its lock goes, nothing is cleaned."""
+    store._deleter.shutdown(wait=True)
+    store._pool.shutdown(wait=True)
+    store._store_lock.release()
 
 
 def get(store: SSDTensorStore, name: str) -> torch.Tensor:
@@ -357,7 +365,7 @@ def test_commit_is_atomic_when_the_manifest_rename_fails(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(store_mod.os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreFullError, match="Committed state is intact"):
         store.commit(2, {"step": 2})
     monkeypatch.undo()
     # Nothing was published and nothing was deleted: the committed step is intact on disk and in memory.
@@ -464,6 +472,7 @@ def test_reopen_after_crash_removes_leftovers(dirs2: list[Path]) -> None:
     put(s, "u00000.grad", data(6000, seed=6), version=2, transient=True)
     (dirs2[1] / STORE_DIR / "u00001.master.v00000002.s9").write_bytes(b"half-written")
     assert store_files(dirs2) > committed
+    crash(s)
     again = open_store(dirs2)
     try:
         assert store_files(dirs2) == committed
@@ -474,7 +483,6 @@ def test_reopen_after_crash_removes_leftovers(dirs2: list[Path]) -> None:
             assert torch.equal(get(again, name), t)
     finally:
         again.close()
-        s.close()
 
 
 def test_reopen_of_a_store_that_never_committed_is_empty(dirs2: list[Path]) -> None:
@@ -650,7 +658,7 @@ def test_missing_directories_are_created(tmp_path: Path) -> None:
     assert (deep / STORE_DIR).is_dir()
     # The write and O_DIRECT probes leave nothing behind.
     assert list(deep.iterdir()) == [deep / STORE_DIR]
-    assert list((deep / STORE_DIR).iterdir()) == []
+    assert [p.name for p in (deep / STORE_DIR).iterdir()] == [".lock"]
 
 
 # ---------------------------------------------------------------------------------------------- O_DIRECT
