@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 
 @pytest.mark.slow
 def test_optimizer_state_four_times_cpu_mem(tmp_path: Path, ray_cluster: object) -> None:
-    model = {"n_layer": 12, "n_head": 4, "d_model": 256, "max_seq_len": 32}
+    model = {"n_layer": 12, "n_head": 4, "d_model": 384, "max_seq_len": 32}
     probe = tiny_config(tmp_path, model=model)
     state_bytes = 12 * ModelSpec(probe.model).numel  # fp32 master + Adam m + v
     cpu_mem = state_bytes // 4
@@ -31,6 +31,7 @@ def test_optimizer_state_four_times_cpu_mem(tmp_path: Path, ray_cluster: object)
     assert result.io["bytes_stored"] >= state_bytes
     assert result.plan.ring_bytes <= cfg.budgets.cpu_mem
     roles = {m["role"]: m for m in result.memory}
+    print({r: round(m["peak_above_baseline"] / 2**20, 1) for r, m in roles.items()})
     assert {"gpu-compute", "ssd-io", "cpu-opt-0", "cpu-opt-1", "driver"} <= set(roles)
     for role, m in roles.items():
         # The compute actor's CPU fallback keeps its "device" memory in host RAM: gpu_mem is its budget too.
