@@ -231,6 +231,11 @@ class RunConfig:
     """A whole training run. `run_dir` receives the resolved config, metrics and the committed manifest."""
 
     run_dir: str = "runs/demo"
+    # Where relative run_dir and ssd.paths (the run's outputs) resolve. null: the current directory, except
+    # inside a `ray job submit --working-dir` job, whose current directory is Ray's temporary copy of the
+    # working dir (deleted with the job): there, ~/fuyou-ray. Relative data paths (inputs) always resolve
+    # against the current directory, so data shipped with --working-dir is found.
+    base_dir: str | None = None
     steps: int = 10
     seed: int = 0
     log_every: int = 1
@@ -464,11 +469,39 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
         if getattr(data, key) is not None
     }
     data = dataclasses.replace(data, **paths)
-    ssd = dataclasses.replace(cfg.ssd, paths=tuple(absolute(p) for p in cfg.ssd.paths))
+    outputs = output_base(cfg.base_dir, base)
+
+    def output(p: str) -> str:
+        path = Path(os.path.expanduser(p))
+        return str(path if path.is_absolute() else (outputs / path).resolve())
+
+    ssd = dataclasses.replace(cfg.ssd, paths=tuple(output(p) for p in cfg.ssd.paths))
     if len(set(ssd.paths)) != len(ssd.paths):
         # Checked again after resolution: 'ssd' and './ssd' are the same directory.
         raise ConfigError(f"ssd.paths: lists the same directory twice once resolved: {list(ssd.paths)}")
-    return dataclasses.replace(cfg, run_dir=absolute(cfg.run_dir), data=data, ssd=ssd)
+    return dataclasses.replace(cfg, run_dir=output(cfg.run_dir), base_dir=str(outputs), data=data, ssd=ssd)
+
+
+def in_ray_job_working_dir() -> bool:
+    """True inside a `ray job submit` entrypoint that runs in Ray's temporary copy of --working-dir."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return False
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except ValueError:
+        return False
+    return bool(runtime_env.get("working_dir"))
+
+
+def output_base(base_dir: str | None, cwd: Path) -> Path:
+    if base_dir is not None:
+        return Path(os.path.expanduser(base_dir)).resolve()
+    if in_ray_job_working_dir():
+        return Path.home() / "fuyou-ray"
+    return cwd
 
 
 def config_from_dict(

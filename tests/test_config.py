@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -387,3 +388,23 @@ def test_run_config_is_frozen(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.steps = 3  # type: ignore[misc]
+
+
+def test_outputs_leave_the_ray_job_working_dir_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `ray job submit --working-dir`, the cwd is Ray's temporary copy: relative outputs go to
+    ~/fuyou-ray (or base_dir), while relative inputs still resolve against the cwd."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}})
+    )
+    cwd = tmp_path / "ray_pkg_copy"
+    cfg = config_from_dict(
+        {"run_dir": "runs/a", "ssd": {"paths": ["ssd"]}, "data": {"path": "d.txt"}}, base_dir=cwd
+    )
+    assert cfg.run_dir == str(tmp_path / "home" / "fuyou-ray" / "runs" / "a")
+    assert cfg.ssd.paths == (str(tmp_path / "home" / "fuyou-ray" / "ssd"),)
+    assert cfg.data.path == str(cwd / "d.txt")
+    explicit = config_from_dict({"run_dir": "r", "base_dir": str(tmp_path / "b")}, base_dir=cwd)
+    assert explicit.run_dir == str(tmp_path / "b" / "r")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert config_from_dict({"run_dir": "r"}, base_dir=cwd).run_dir == str(cwd / "r")
