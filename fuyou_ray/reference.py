@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fuyou_ray.config import RunConfig
+from fuyou_ray.config import OptimizerConfig, RunConfig
 from fuyou_ray.data import TokenDataset
 from fuyou_ray.models import ModelSpec, ReferenceModel, lm_loss
 from fuyou_ray.optim import learning_rate
@@ -25,6 +25,23 @@ class ReferenceRun:
         return [self.model.flat_unit(i) for i in range(self.model.spec.num_units)]
 
 
+def reference_adamw(params: list[torch.nn.Parameter], o: OptimizerConfig) -> torch.optim.AdamW:
+    """torch.optim.AdamW with fuyou-ray's param groups: weight decay on matrices, none on vectors."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=o.betas,
+        eps=o.eps,
+        # The fused kernel is the one fuyou-ray runs over element ranges, so the two agree bit for bit;
+        # the default for-loop AdamW differs from it by an ulp here and there, which Adam's first steps
+        # amplify to ~1e-6.
+        fused=True,
+    )
+
+
 def train_reference(
     cfg: RunConfig, steps: int, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> ReferenceRun:
@@ -35,19 +52,8 @@ def train_reference(
     spec = ModelSpec(cfg.model)
     model = ReferenceModel(spec, cfg.seed).to(device=device, dtype=dtype)
     data = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
     o = cfg.optimizer
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=o.betas,
-        eps=o.eps,
-        # The fused kernel is the one fuyou-ray runs over element ranges, so the two agree bit for bit;
-        # the default for-loop AdamW differs from it by an ulp here and there, which Adam's first steps
-        # amplify to ~1e-6.
-        fused=True,
-    )
+    opt = reference_adamw(list(model.parameters()), o)
     losses = []
     for step in range(steps):
         for group in opt.param_groups:
@@ -77,16 +83,7 @@ def train_reference_mixed(cfg: RunConfig, steps: int, device: str = "cuda") -> R
     data = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
     o = cfg.optimizer
     masters = list(master.parameters())
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in masters if p.dim() >= 2], "weight_decay": o.weight_decay},
-            {"params": [p for p in masters if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=o.lr,
-        betas=o.betas,
-        eps=o.eps,
-        fused=True,
-    )
+    opt = reference_adamw(masters, o)
     losses = []
     for step in range(steps):
         for group in opt.param_groups:
