@@ -1,32 +1,107 @@
-"""The plan: what the budgets allow - device, dtypes, ring geometry, optimizer pool - checked up front.
+"""The plan: how a run uses the machine - device, dtypes, ring geometry, optimizer pool, tiers, policies.
 
-`make_plan` turns a config and the machine into the few numbers the pipeline runs with, and refuses with a
-`BudgetError` that says how much would be needed when the budgets cannot hold the model. Knobs the user
-did not set are derived here (ring slot size and count from cpu_mem, pool size from the core count).
+`make_plan` turns a config and this machine into the few numbers the pipeline runs with today, and refuses
+with a `BudgetError` that says how much would be needed when the budgets cannot hold the model. Knobs the
+user did not set are derived here (ring slot size and count from cpu_mem, pool size from the core count).
+
+`auto_plan` is the automatic planner (Fuyou's "automatic activation swapping management", widened to every
+choice the pipeline has): from the model, the batch, the budgets and a hardware profile it chooses the
+micro-batch chunk, prefetch depth, ring size, optimizer pool, where each tensor family of each unit lives
+(GPU-resident / CPU-cached / SSD), each block's activation policy and where the optimizer overlaps, by
+minimising the step time the simulator (fuyou_ray/simulate.py) predicts. It refuses with a BudgetError
+naming the smallest budget that would fit. docs/PLANNER.md describes the model and the search.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fuyou_ray.config import RunConfig, format_size
+from fuyou_ray.costmodel import POLICIES, WORKING_SLOTS, MemoryNeed, Workload, cpu_memory, gpu_memory
 from fuyou_ray.errors import BudgetError
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.schedule import MIN_SLOTS
 from fuyou_ray.store import align_up
 
-WORKING_SLOTS = 2  # slot-sized working buffers a process may hold outside the ring
+if TYPE_CHECKING:
+    from fuyou_ray.profile import HardwareProfile
+    from fuyou_ray.simulate import Prediction
+
 MAX_USEFUL_SLOTS = 24  # beyond this the ring only adds prefetch the pipeline cannot use yet
+OVERLAPS = ("backward", "after_backward", "next_forward")
+GRAD_LOGS = ("none", "ssd", "cpu")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The resolved execution plan of a run (saved in the run dir as plan.json)."""
+    """The resolved execution plan of a run (saved in the run dir as plan.json).
+
+    The first block of fields is what the pipeline runs with today. The second block is chosen by the
+    automatic planner (`auto_plan`); its defaults describe what the pipeline does today, so a plan from
+    `make_plan` is truthful about them. Units are numbered as in ModelSpec: 0 = embedding, 1..n_layer =
+    blocks, n_layer + 1 = head. Every field:
+
+    device              "cuda" or "cpu" (the CPU fallback runs the same code on host memory)
+    param_dtype         dtype of the params P streamed to the device ("bfloat16" on CUDA, else "float32")
+    slot_bytes          bytes of one ring slot: the largest unit's fp32 record, 4 KiB-aligned
+    num_slots           ring slots in /dev/shm (>= MIN_SLOTS); more slots let SSD reads run further ahead
+    optimizer_actors    CPU optimizer actors; each unit's AdamW is split into this many element ranges
+    optimizer_threads   torch threads of each optimizer actor
+    exact_clipping      max_grad_norm > 0: every gradient is needed before the first update
+    device_bytes_needed peak bytes on the compute device (the cost model's estimate)
+    ring_bytes          num_slots * slot_bytes
+    ssd_bytes_needed    SSD space: the state, its next version while a step is in flight, the gradient log
+
+    micro_batch         sequences per chunk inside a layer (the whole batch passes through a layer before
+                        the next; chunks only bound the device's working memory). 0 = batch.micro_batch
+    prefetch_depth      params (and swapped activations) of the next `prefetch_depth` units are copied to
+                        the device on a copy stream while the current unit computes; the device holds
+                        1 + prefetch_depth param buffers. 0 = copy, then compute (today: inside the call)
+    activation_policy   per unit (empty = "keep" everywhere, today). What happens between a block's forward
+                        and its backward to what the backward needs:
+                          keep       its input stays in device memory; backward recomputes the block's
+                                     forward from it (today's pipeline)
+                          recompute  its input goes to host memory (device -> host in forward, back in
+                                     backward); backward recomputes the forward from it. Nothing stays on
+                                     the device between the two passes
+                          swap_cpu   everything the backward needs (input, normed inputs, q/k/v, attention
+                                     output, MLP activations: costmodel.Workload.activation_bytes) goes to
+                                     host memory and comes back; no recompute
+                          swap_ssd   as swap_cpu, staged through host memory to SSD and read back
+                        The embedding and the head are always "keep" (the embedding's input is the tokens;
+                        the head runs forward and backward in one call).
+    cpu_cached_params   units whose params P live in host memory between steps: never read from or
+                        written to SSD during a step (the optimizer writes the new P into the cache)
+    cpu_cached_state    units whose fp32 master weights and Adam moments live in host memory
+    gpu_resident_params units whose params stay on the device across steps (the optimizer's new P is
+                        copied in once per step instead of twice, and never read from SSD)
+    cache_write_through cached state and params are also written to SSD every step (durable at every
+                        commit, saves only the reads); False = write-back: the pipeline must make the cache
+                        crash-consistent itself (e.g. /dev/shm segments that outlive actors, flushed at
+                        checkpoints)
+    optimizer_overlap   when optimizer(u) runs. "" = today: "backward" without clipping, else
+                        "after_backward".
+                          backward        as soon as G_u reaches the host, overlapping backward(u-1) (Fuyou;
+                                          no clipping possible)
+                          after_backward  after the last backward and the clipping coefficient, unit by unit
+                          next_forward    ahead of forward(u) of the next step, which takes the new P
+                                          straight from the optimizer (exact clipping; the step's
+                                          gradients wait in the gradient log)
+    grad_log            where gradients wait for the clipping coefficient: "ssd", "cpu", or "none" (no
+                        clipping). "" = today: "ssd" with clipping, else "none"
+    ssd_queue_depth     requests the SSD actor keeps in flight (the store's io_threads)
+    cpu_bytes_needed    peak host bytes of the plan (ring, working buffers, caches, swapped activations)
+    predicted_step_s, predicted_tflops, predicted_bottleneck, profile_name
+                        the simulator's prediction on the named hardware profile (0 / "" = not predicted)
+    """
 
     device: str  # "cuda" or "cpu"
     param_dtype: str  # dtype of the params streamed to the compute device
@@ -38,9 +113,66 @@ class Plan:
     device_bytes_needed: int
     ring_bytes: int
     ssd_bytes_needed: int
+    # ---- chosen by the automatic planner; the defaults are what the pipeline does today ----
+    micro_batch: int = 0
+    prefetch_depth: int = 0
+    activation_policy: tuple[str, ...] = ()
+    cpu_cached_params: tuple[int, ...] = ()
+    cpu_cached_state: tuple[int, ...] = ()
+    gpu_resident_params: tuple[int, ...] = ()
+    cache_write_through: bool = False
+    optimizer_overlap: str = ""
+    grad_log: str = ""
+    ssd_queue_depth: int = 8
+    cpu_bytes_needed: int = 0
+    predicted_step_s: float = 0.0
+    predicted_tflops: float = 0.0
+    predicted_bottleneck: str = ""
+    profile_name: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.activation_policy if p not in POLICIES]
+        if bad:
+            raise ValueError(f"activation_policy: {bad[0]!r} is not one of {', '.join(POLICIES)}")
+        if self.optimizer_overlap not in ("", *OVERLAPS):
+            raise ValueError(f"optimizer_overlap: {self.optimizer_overlap!r} is not one of {OVERLAPS}")
+        if self.grad_log not in ("", *GRAD_LOGS):
+            raise ValueError(f"grad_log: {self.grad_log!r} is not one of {GRAD_LOGS}")
+        if self.optimizer_overlap == "backward" and self.exact_clipping:
+            raise ValueError(
+                "optimizer_overlap 'backward' cannot clip exactly: every gradient is needed first"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def policy(self, unit: int) -> str:
+        """The activation policy of `unit` ("keep" where none is given)."""
+        return self.activation_policy[unit] if unit < len(self.activation_policy) else "keep"
+
+    @property
+    def overlap(self) -> str:
+        return self.optimizer_overlap or ("after_backward" if self.exact_clipping else "backward")
+
+    @property
+    def grad_log_tier(self) -> str:
+        if self.grad_log:
+            return self.grad_log
+        return "none" if self.overlap == "backward" else "ssd"
+
+    def as_current(self) -> Plan:
+        """This plan with the planner's fields reset to what the pipeline does today."""
+        return replace(
+            self,
+            prefetch_depth=0,
+            activation_policy=(),
+            cpu_cached_params=(),
+            cpu_cached_state=(),
+            gpu_resident_params=(),
+            cache_write_through=False,
+            optimizer_overlap="",
+            grad_log="",
+        )
 
 
 def resolve_device(requested: str) -> str:
@@ -111,6 +243,9 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
         device_bytes_needed=device_bytes,
         ring_bytes=num_slots * slot_bytes,
         ssd_bytes_needed=ssd_needed,
+        micro_batch=cfg.batch.micro_batch,
+        ssd_queue_depth=cfg.ssd.io_threads,
+        cpu_bytes_needed=(num_slots + WORKING_SLOTS) * slot_bytes,
     )
 
 
@@ -128,3 +263,422 @@ def check_ssd_space(cfg: RunConfig, plan: Plan) -> None:
             "(state, its next version while a step is in flight, and the gradient log); free space or add "
             "directories to ssd.paths"
         )
+
+
+# ================================================================================ the automatic planner
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """What the automatic planner may choose (the defaults let it choose everything the model knows)."""
+
+    micro_batches: tuple[int, ...] = ()  # chunk sizes to try; () = divisors of the batch <= batch.micro_batch
+    prefetch_depths: tuple[int, ...] = (0, 1, 2)
+    overlaps: tuple[str, ...] = ()  # () = "backward" without clipping, else "next_forward", "after_backward"
+    policies: tuple[str, ...] = POLICIES  # activation policies it may use
+    cache: tuple[str, ...] = ("params", "state", "grads")  # families it may keep in host memory
+    gpu_resident: bool = True  # may keep params on the device across steps
+    write_through: bool = False  # cached state is also written to SSD every step
+    ring_slots: tuple[int, ...] = (8, 12)  # ring sizes to try (fewer if cpu_mem is short, never < MIN_SLOTS)
+    swap_grid: int = 4  # the swapped-block count is searched on this many intervals, then refined
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The plan `auto_plan` chose, what the simulator predicts for it, and the memory it needs."""
+
+    plan: Plan
+    workload: Workload
+    prediction: Prediction
+    gpu: MemoryNeed
+    cpu: MemoryNeed
+    evaluated: int  # plans simulated during the search
+
+
+@dataclass(frozen=True)
+class _Choice:
+    micro_batch: int
+    prefetch_depth: int
+    overlap: str
+    swapped: int
+    slots: int
+
+
+def workload_of(cfg: RunConfig, spec: ModelSpec, device: str, micro_batch: int | None = None) -> Workload:
+    """The step's shape for the cost model (param bytes follow the device: bf16 on CUDA, fp32 on CPU)."""
+    return Workload(
+        spec=spec,
+        global_batch=cfg.batch.global_batch,
+        micro_batch=micro_batch or cfg.batch.micro_batch,
+        seq_len=cfg.batch.seq_len,
+        param_bytes=2 if device == "cuda" else 4,
+        clipping=cfg.optimizer.max_grad_norm > 0,
+    )
+
+
+def base_plan(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> Plan:
+    """The fields of a plan that do not depend on the search: device, dtype, slot size, pool, queue depth."""
+    device = profile.gpu.device
+    param_dtype = "bfloat16" if device == "cuda" else "float32"
+    pb = 2 if device == "cuda" else 4
+    slot_bytes = align_up(max(u.numel for u in spec.units) * 4)
+    actors, threads = _pool(cfg, profile)
+    depths = sorted({r.queue_depth for r in profile.ssd.rates})
+    # The queue depth with the best read + write bandwidth (the smallest such: fewer threads).
+    qd = max(depths, key=lambda d: (profile.ssd.read_bps(d) + profile.ssd.write_bps(d), -d))
+    state_bytes = sum(align_up(u.numel * pb) + 3 * align_up(u.numel * 4) for u in spec.units)
+    grad_log = sum(align_up(u.numel * 4) for u in spec.units) if cfg.optimizer.max_grad_norm > 0 else 0
+    return Plan(
+        device=device,
+        param_dtype=param_dtype,
+        slot_bytes=slot_bytes,
+        num_slots=MIN_SLOTS,
+        optimizer_actors=actors,
+        optimizer_threads=threads,
+        exact_clipping=cfg.optimizer.max_grad_norm > 0,
+        device_bytes_needed=0,
+        ring_bytes=MIN_SLOTS * slot_bytes,
+        ssd_bytes_needed=2 * state_bytes + grad_log,
+        micro_batch=cfg.batch.micro_batch,
+        ssd_queue_depth=qd,
+        profile_name=profile.name,
+    )
+
+
+def _pool(cfg: RunConfig, profile: HardwareProfile) -> tuple[int, int]:
+    """Optimizer actors and threads: the config's if set, else the cores left after the GPU and SSD actors,
+    split into actors of at most 8 threads (one actor per NUMA-sized group keeps memory traffic local)."""
+    free = max(1, profile.cpu.cores - 2)
+    actors = cfg.runtime.optimizer_actors or max(1, math.ceil(free / 8))
+    threads = cfg.runtime.optimizer_threads or max(1, free // actors)
+    return actors, threads
+
+
+def _chunk_options(cfg: RunConfig, options: PlannerOptions) -> list[int]:
+    b = cfg.batch.global_batch
+    chunks = options.micro_batches or tuple(d for d in range(1, cfg.batch.micro_batch + 1) if b % d == 0)
+    return sorted({c for c in chunks if c >= 1 and b % c == 0}, reverse=True)
+
+
+def _spread(items: Sequence[int], k: int) -> list[int]:
+    """k of `items`, evenly spread (so swap traffic interleaves with compute)."""
+    n = len(items)
+    if k <= 0:
+        return []
+    if k >= n:
+        return list(items)
+    return [items[min(n - 1, int((i + 0.5) * n / k))] for i in range(k)]
+
+
+def _allocate(
+    cfg: RunConfig, w: Workload, base: Plan, c: _Choice, options: PlannerOptions
+) -> tuple[Plan, MemoryNeed, MemoryNeed] | None:
+    """The plan of choice `c` with the budgets filled greedily, or None when `c` does not fit.
+
+    Each budget is filled with the longest prefix of a fixed priority list that fits, so a larger budget
+    only ever adds to what a smaller one got. Device memory left after the chunk's working set and the
+    param buffers: block inputs kept on the device ("keep" instead of "recompute"), then params resident
+    across steps. Host memory left after the ring and the recompute checkpoints, in order of SSD bytes
+    saved per byte of memory: params (3: read twice, written once), swapped activations (2: written and
+    read back), optimizer state (2), gradient log (2).
+    """
+    blocks = list(w.blocks())
+    swap_ok = "swap_cpu" in options.policies or "swap_ssd" in options.policies
+    swapped = set(_spread(blocks, c.swapped if swap_ok else 0))
+    rest = [u for u in blocks if u not in swapped]
+    ssd_swap = "swap_ssd" if "swap_ssd" in options.policies else "swap_cpu"
+    default = "recompute" if "recompute" in options.policies else "keep"
+    policy = ["keep"] * w.num_units
+    for u in swapped:
+        policy[u] = ssd_swap
+    for u in rest:
+        policy[u] = default
+    grad_log = "none" if c.overlap == "backward" else "ssd"
+    plan = replace(
+        base,
+        num_slots=c.slots,
+        ring_bytes=c.slots * base.slot_bytes,
+        micro_batch=c.micro_batch,
+        prefetch_depth=c.prefetch_depth,
+        optimizer_overlap=c.overlap,
+        grad_log=grad_log,
+        activation_policy=tuple(policy),
+        cache_write_through=options.write_through,
+    )
+    gpu_budget, cpu_budget = cfg.budgets.gpu_mem, cfg.budgets.cpu_mem
+    # device memory: keep block inputs, then (once every other block keeps) resident params
+    gpu_left = gpu_budget - gpu_memory(w, plan).total
+    if gpu_left < 0:
+        return None
+    n_keep = len(rest)
+    if default != "keep":
+        n_keep = min(len(rest), gpu_left // w.boundary_bytes) if w.boundary_bytes else len(rest)
+        if "keep" not in options.policies:
+            n_keep = 0
+        for u in rest[: int(n_keep)]:
+            policy[u] = "keep"
+        plan = replace(plan, activation_policy=tuple(policy))
+    resident: list[int] = []
+    if options.gpu_resident and n_keep == len(rest):
+        # (Conservative: the param buffers are not shrunk when the largest unit becomes resident.)
+        gpu_left = gpu_budget - gpu_memory(w, plan).total
+        for u in range(w.num_units - 1, -1, -1):
+            need = w.spec.units[u].numel * w.param_bytes
+            if need > gpu_left:
+                break
+            resident.append(u)
+            gpu_left -= need
+    # host memory
+    cpu_left = cpu_budget - cpu_memory(w, plan).total
+    if cpu_left < 0:
+        return None
+    units = w.spec.units
+    items: list[tuple[str, int, int]] = []  # (what, unit, bytes), in priority order
+    if "params" in options.cache:
+        items += [("params", u, units[u].numel * w.param_bytes) for u in range(w.num_units - 1, -1, -1)]
+    if "swap_cpu" in options.policies and ssd_swap == "swap_ssd":
+        items += [("activations", u, w.activation_bytes(u)) for u in sorted(swapped)]
+    if "state" in options.cache:
+        items += [("state", u, units[u].numel * 12) for u in range(w.num_units - 1, -1, -1)]
+    if "grads" in options.cache and grad_log == "ssd":
+        items.append(("grads", -1, w.numel * 4))
+    cached_p: list[int] = []
+    cached_s: list[int] = []
+    for what, u, need in items:
+        if need > cpu_left:
+            break
+        cpu_left -= need
+        if what == "params":
+            cached_p.append(u)
+        elif what == "activations":
+            policy[u] = "swap_cpu"
+        elif what == "state":
+            cached_s.append(u)
+        else:
+            grad_log = "cpu"
+    plan = replace(
+        plan,
+        activation_policy=tuple(policy),
+        cpu_cached_params=tuple(sorted(cached_p)),
+        cpu_cached_state=tuple(sorted(cached_s)),
+        grad_log=grad_log,
+        gpu_resident_params=tuple(sorted(resident)),
+    )
+    gpu, cpu = gpu_memory(w, plan), cpu_memory(w, plan)
+    if gpu.total > gpu_budget or cpu.total > cpu_budget:
+        return None
+    return replace(plan, device_bytes_needed=gpu.total, cpu_bytes_needed=cpu.total), gpu, cpu
+
+
+def auto_plan(
+    cfg: RunConfig,
+    spec: ModelSpec,
+    profile: HardwareProfile,
+    options: PlannerOptions | None = None,
+    *,
+    seeds: Sequence[Plan] = (),
+) -> PlanResult:
+    """Choose the plan with the shortest predicted step on `profile` within the config's budgets.
+
+    Coordinate search: the swapped-block count on a grid then refined (the step time is close to convex
+    in it - Fuyou's observation), for the largest chunk and deepest prefetch that fit; then the other
+    overlaps, depths, chunks and ring sizes around it. `seeds` (plans chosen for smaller budgets, as a
+    what-if sweep passes them) are evaluated too, so more memory never predicts a slower step.
+    Raises BudgetError naming the smallest budget that would fit when nothing does.
+    """
+    from fuyou_ray.simulate import predict
+
+    options = options or PlannerOptions()
+    base = base_plan(cfg, spec, profile)
+    overlaps = options.overlaps or (
+        ("next_forward", "after_backward") if cfg.optimizer.max_grad_norm > 0 else ("backward",)
+    )
+    chunks = _chunk_options(cfg, options)
+    if not chunks:
+        raise BudgetError(f"no micro-batch size in {options.micro_batches} divides batch.global_batch")
+    workloads = {m: workload_of(cfg, spec, base.device, m) for m in chunks}
+    n_blocks = len(workloads[chunks[0]].blocks())
+    slots_fit = [
+        n
+        for n in sorted({MIN_SLOTS, *options.ring_slots})
+        if (n + WORKING_SLOTS) * base.slot_bytes <= cfg.budgets.cpu_mem
+    ]
+    if not slots_fit:
+        _refuse_cpu(cfg, spec, base)
+    results: dict[_Choice, tuple[float, PlanResult] | None] = {}
+
+    def evaluate(c: _Choice) -> float:
+        if c not in results:
+            fitted = _allocate(cfg, workloads[c.micro_batch], base, c, options)
+            if fitted is None:
+                results[c] = None
+            else:
+                plan, gpu, cpu = fitted
+                pred = predict(workloads[c.micro_batch], plan, profile)
+                plan = replace(
+                    plan,
+                    predicted_step_s=pred.step_s,
+                    predicted_tflops=pred.tflops,
+                    predicted_bottleneck=pred.bottleneck,
+                )
+                results[c] = (pred.step_s, PlanResult(plan, workloads[c.micro_batch], pred, gpu, cpu, 0))
+        result = results[c]
+        return result[0] if result is not None else math.inf
+
+    def fits(c: _Choice) -> bool:
+        return _allocate(cfg, workloads[c.micro_batch], base, c, options) is not None
+
+    swapping = n_blocks > 0 and bool({"swap_cpu", "swap_ssd"} & set(options.policies))
+
+    def coarse(c: _Choice) -> _Choice:
+        """The best swapped-block count on a coarse grid (the step time is close to convex in it)."""
+        if not swapping:
+            return replace(c, swapped=0)
+        grid = sorted({round(i * n_blocks / options.swap_grid) for i in range(options.swap_grid + 1)})
+        return min((replace(c, swapped=k) for k in grid), key=evaluate)
+
+    def refine(c: _Choice) -> _Choice:
+        """Integer refinement of the swapped-block count around `c`, halving the step."""
+        best = c
+        step = max(1, n_blocks // options.swap_grid // 2)
+        while swapping and step >= 1:
+            around = [replace(best, swapped=k) for k in (best.swapped - step, best.swapped + step)]
+            best = min([best, *[a for a in around if 0 <= a.swapped <= n_blocks]], key=evaluate)
+            step //= 2
+        return best
+
+    # Memory needs are monotone in the swapped-block count (device: swapping needs room for a chunk in
+    # flight; host: fewer recompute checkpoints), so its two ends tell whether a setting can fit at all.
+    def feasible(m: int, depth: int, overlap: str, slots: int) -> bool:
+        return any(fits(_Choice(m, depth, overlap, k, slots)) for k in (0, n_blocks))
+
+    usable = [
+        m
+        for m in chunks
+        if any(feasible(m, d, o, slots_fit[0]) for d in options.prefetch_depths for o in overlaps)
+    ]
+    if not usable:
+        _refuse(cfg, spec, base, workloads, chunks)
+    # Stage 1: every feasible (chunk, prefetch depth, overlap) on the smallest and the largest ring that
+    # fit, coarsely. Chunks: the largest that fits and about halvings of it (GEMM efficiency saturates;
+    # smaller chunks only free device memory).
+    spread = sorted({min(usable, key=lambda m: abs(m - usable[0] / 2**i)) for i in range(5)}, reverse=True)
+    stage1 = []
+    for m in spread:
+        for depth in sorted(options.prefetch_depths):
+            for overlap in overlaps:
+                rings = [n for n in slots_fit if feasible(m, depth, overlap, n)]
+                for ring in sorted({rings[0], rings[-1]} if rings else set()):
+                    stage1.append(coarse(_Choice(m, depth, overlap, 0, ring)))
+    # Stage 2: the best three settings with every ring size (the ring competes with caches for host
+    # memory), each refined.
+    stage1.sort(key=evaluate)
+    stage2 = [refine(replace(c, slots=n)) for c in stage1[:3] for n in slots_fit]
+    best = min([*stage1, *stage2], key=evaluate)
+    for seed in seeds:
+        c = _Choice(seed.micro_batch, seed.prefetch_depth, seed.overlap, _count_swapped(seed), seed.num_slots)
+        if c.micro_batch in workloads and c.overlap in overlaps:
+            best = min([best, c], key=evaluate)
+    got = results[best]
+    assert got is not None
+    return replace(got[1], evaluated=len([r for r in results.values() if r is not None]))
+
+
+def _count_swapped(plan: Plan) -> int:
+    return sum(1 for p in plan.activation_policy if p in ("swap_cpu", "swap_ssd"))
+
+
+def _minimal(base: Plan, w: Workload, policy: str) -> Plan:
+    """The least memory-hungry plan for workload `w`: no prefetch, nothing kept, cached or resident."""
+    pol = ["keep"] * w.num_units
+    for u in w.blocks():
+        pol[u] = policy
+    return replace(
+        base,
+        micro_batch=w.micro_batch,
+        prefetch_depth=0,
+        activation_policy=tuple(pol),
+        num_slots=MIN_SLOTS,
+        ring_bytes=MIN_SLOTS * base.slot_bytes,
+        optimizer_overlap="backward" if not w.clipping else "after_backward",
+    )
+
+
+def minimal_needs(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> tuple[MemoryNeed, MemoryNeed]:
+    """(device, host) memory of the smallest plan the planner could choose for this config."""
+    base = base_plan(cfg, spec, profile)
+    chunks = _chunk_options(cfg, PlannerOptions()) or [1]
+    w = workload_of(cfg, spec, base.device, chunks[-1])
+    gpu = gpu_memory(w, _minimal(base, w, "recompute"))
+    cpu = min((cpu_memory(w, _minimal(base, w, p)) for p in ("recompute", "swap_ssd")), key=lambda m: m.total)
+    return gpu, cpu
+
+
+def _refuse(
+    cfg: RunConfig, spec: ModelSpec, base: Plan, workloads: dict[int, Workload], chunks: list[int]
+) -> None:
+    w = workloads[chunks[-1]]
+    gpu = gpu_memory(w, _minimal(base, w, "recompute"))
+    if gpu.total > cfg.budgets.gpu_mem:
+        parts = ", ".join(f"{k} {format_size(v)}" for k, v in gpu.parts.items() if v)
+        raise BudgetError(
+            f"budgets.gpu_mem = {format_size(cfg.budgets.gpu_mem)} is too small for batch "
+            f"{cfg.batch.global_batch}x{cfg.batch.seq_len} of this model: the smallest plan (micro-batch "
+            f"{w.micro_batch}, no prefetch, every block recomputed from a host checkpoint) needs "
+            f"{format_size(gpu.total)} on the device ({parts}); raise budgets.gpu_mem to at least "
+            f"{format_size(gpu.total)}, or lower batch.global_batch / batch.micro_batch"
+        )
+    _refuse_cpu(cfg, spec, base, w)
+
+
+def _refuse_cpu(cfg: RunConfig, spec: ModelSpec, base: Plan, w: Workload | None = None) -> None:
+    w = w or workload_of(cfg, spec, base.device, 1)
+    cpu = min((cpu_memory(w, _minimal(base, w, p)) for p in ("recompute", "swap_ssd")), key=lambda m: m.total)
+    parts = ", ".join(f"{k} {format_size(v)}" for k, v in cpu.parts.items() if v)
+    raise BudgetError(
+        f"budgets.cpu_mem = {format_size(cfg.budgets.cpu_mem)} is too small: the smallest plan needs "
+        f"{format_size(cpu.total)} of host memory ({parts}); raise budgets.cpu_mem to at least "
+        f"{format_size(cpu.total)}"
+    )
+
+
+def largest_batch(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile, limit: int = 1 << 16) -> int:
+    """The largest global batch (micro-batch chunks of 1 allowed) whose smallest plan fits the budgets."""
+
+    def ok(batch: int) -> bool:
+        trial = dataclasses.replace(
+            cfg, batch=dataclasses.replace(cfg.batch, global_batch=batch, micro_batch=1)
+        )
+        gpu, cpu = minimal_needs(trial, spec, profile)
+        return gpu.total <= cfg.budgets.gpu_mem and cpu.total <= cfg.budgets.cpu_mem
+
+    if not ok(1):
+        return 0
+    lo = 1
+    while lo * 2 <= limit and ok(lo * 2):
+        lo *= 2
+    hi = min(limit, lo * 2)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def largest_layers(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> int | None:
+    """The most blocks of this width whose state fits the profile's SSD capacity (None: capacity unknown).
+
+    Device memory does not grow with depth, and host memory need not (activations can go to SSD), so at a
+    given width the SSD decides: each block needs its state twice (the committed and the next version)
+    plus its gradient log.
+    """
+    cap = profile.ssd.capacity_bytes
+    if cap <= 0:
+        return None
+    base = base_plan(cfg, spec, profile)
+    pb = 2 if base.device == "cuda" else 4
+    per = [align_up(u.numel * pb) * 2 + 6 * align_up(u.numel * 4) for u in spec.units]
+    if cfg.optimizer.max_grad_norm > 0:
+        per = [p + align_up(u.numel * 4) for p, u in zip(per, spec.units, strict=True)]
+    fixed = per[0] + per[-1]
+    block = per[1] if len(per) > 2 else 0
+    return max(0, int((cap / 1.01 - fixed) // block)) if block else None

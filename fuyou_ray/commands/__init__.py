@@ -10,6 +10,8 @@ COMMANDS = [
     "bench",
     "report",
     "status",
+    "plan",
+    "probe",
     "import_hf",
     "export_hf",
     "generate",

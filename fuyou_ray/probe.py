@@ -1,0 +1,450 @@
+"""The probe: measure this machine into a `HardwareProfile` in under two minutes.
+
+What it measures, each the way the pipeline will see it:
+- compute: a GPT block (fuyou_ray.models.gpt.GPTBlock) forward + backward in the compute dtype (bf16 on
+  CUDA, fp32 on the CPU fallback) at several widths and tokens per call, fitted to the saturating curve of
+  `GPUProfile`; and a plain GEMM for reference.
+- host <-> device: copies from pinned memory each way and both at once (two streams); pageable for
+  reference. On the CPU fallback the "copy to the device" is a host memcpy, so that is what it measures.
+- SSD: the project's own `SSDTensorStore` (O_DIRECT where the filesystem allows it, CRC-32 checksums,
+  4 MiB requests from a thread pool) writing and reading a record of `ssd_file_mib`, at each queue depth
+  (= io_threads), in each directory alone and striped over all of them, and reads + writes at once.
+- CPU optimizer: fuyou_ray.optim.adamw_update_ (torch's fused AdamW) by thread count.
+- memory: host RAM, /dev/shm, device memory.
+No Ray: the probe runs where only torch is installed. Files it writes go to `fuyou-probe-<pid>/` inside each
+SSD directory and are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fuyou_ray.profile import (
+    AdamRate,
+    BlockRate,
+    CPUProfile,
+    GPUProfile,
+    HardwareProfile,
+    PCIeProfile,
+    SSDDirProfile,
+    SSDProfile,
+    SSDRate,
+    block_forward_gflop,
+    fit_block_curve,
+)
+
+RAY_CALL_OVERHEAD_S = 0.00084  # a normal Ray actor call, measured on the GPU machine (DESIGN.md)
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """What to measure and how much. The defaults finish in about a minute on the GPU machine."""
+
+    ssd_dirs: tuple[str, ...] = ()
+    ssd_file_mib: int = 256  # bytes per SSD measurement (one record); keep it above the drive's cache
+    queue_depths: tuple[int, ...] = (1, 4, 16, 32)
+    device: str = "auto"  # "auto", "cuda" or "cpu"
+    copy_mib: int = 512  # bytes per host <-> device copy
+    adam_melements: int = 16  # elements (millions) per AdamW measurement
+    block_shapes: tuple[tuple[int, int], ...] = ()  # (d_model, tokens) of the GPT blocks; () = by device
+    adam_threads: tuple[int, ...] = ()  # thread counts for AdamW; () = 1, 2, 4, ... up to the cores
+    name: str = ""
+    budget_s: float = 100.0  # optional measurements are skipped past this, with a note
+    notes: list[str] = field(default_factory=list)
+
+
+def run_probe(options: ProbeOptions, log: Callable[[str], None] = print) -> HardwareProfile:
+    """Measure this machine; `log` receives one line per measurement."""
+    t0 = time.perf_counter()
+    notes = list(options.notes)
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA GPU is visible")
+    gpu = probe_compute(device, log, notes, t0 + options.budget_s * 0.4, options.block_shapes)
+    pcie = probe_copies(device, options.copy_mib, log, notes)
+    ssd = probe_ssd(options, log, notes)
+    cpu = probe_cpu(options.adam_melements, log, notes, options.adam_threads)
+    notes.append(
+        f"call_overhead_s: not measured (no Ray here); {RAY_CALL_OVERHEAD_S * 1e3:.2f} ms from DESIGN.md"
+    )
+    elapsed = time.perf_counter() - t0
+    name = options.name or f"{os.uname().nodename}-{gpu.name}".replace(" ", "-")
+    log(f"probe finished in {elapsed:.1f} s")
+    return HardwareProfile(
+        name=name,
+        gpu=gpu,
+        pcie=pcie,
+        ssd=ssd,
+        cpu=cpu,
+        call_overhead_s=RAY_CALL_OVERHEAD_S,
+        probe_seconds=round(elapsed, 2),
+        notes=tuple(notes),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- compute
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """x to `digits` significant figures (readable YAML without losing small CPU-fallback rates)."""
+    return float(f"{x:.{digits}g}")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], device: str, iters: int, warmup: int = 1) -> float:
+    """Median seconds of `fn` over `iters` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def probe_compute(
+    device: str,
+    log: Callable[[str], None],
+    notes: list[str],
+    deadline: float,
+    block_shapes: Sequence[tuple[int, int]] = (),
+) -> GPUProfile:
+    from fuyou_ray.config import ModelConfig
+    from fuyou_ray.models.gpt import GPTBlock
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name, memory = props.name, int(props.total_memory)
+        n = 8192
+        shapes = [(2048, 2048), (4096, 4096), (5120, 2048), (5120, 8192), (8192, 4096), (12288, 4096)]
+        seq = 2048
+    else:
+        name, memory = "cpu-fallback", _host_memory()
+        n = 1024
+        shapes = [(128, 512), (256, 512), (384, 1024), (512, 1024)]
+        seq = 256
+    shapes = list(block_shapes) or shapes
+    if block_shapes:
+        n = min(n, 512)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    secs = _time(lambda: a @ b, device, iters=5)
+    matmul = 2 * n**3 / secs / 1e12
+    log(f"compute: {n}^3 {str(dtype).removeprefix('torch.')} GEMM {matmul:.2f} TFLOPS")
+    points: list[BlockRate] = []
+    for h, tokens in shapes:
+        if time.perf_counter() > deadline:
+            notes.append(f"compute: skipped block shapes from h={h} on (time budget)")
+            break
+        if device == "cuda" and _block_bytes(h, tokens) > 0.6 * torch.cuda.mem_get_info()[0]:
+            notes.append(f"compute: skipped h={h}, {tokens} tokens (does not fit free device memory)")
+            continue
+        rate = _block_rate(GPTBlock, ModelConfig, h, tokens, min(seq, tokens), device, dtype)
+        points.append(BlockRate(h, tokens, _sig(rate / 1e12)))
+        log(f"compute: GPT block h={h} tokens={tokens} fwd+bwd {rate / 1e12:.2f} TFLOPS")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    peak, half = fit_block_curve(points)
+    return GPUProfile(
+        name=name,
+        device=device,
+        memory_bytes=memory,
+        matmul_tflops=_sig(matmul),
+        block_tflops=_sig(peak),
+        half_work_gflop=_sig(half),
+        points=tuple(points),
+    )
+
+
+def _block_bytes(h: int, tokens: int) -> int:
+    return 12 * h * h * 2 * 3 + 64 * tokens * h * 2  # params, grads, Adam-free; activations and transients
+
+
+def _block_rate(
+    block_cls: type, cfg_cls: type, h: int, tokens: int, seq: int, device: str, dtype: torch.dtype
+) -> float:
+    cfg = cfg_cls(n_layer=1, n_head=max(1, h // 128), d_model=h, max_seq_len=seq)
+    block = block_cls(cfg).to(device=device, dtype=dtype)
+    x = torch.randn(tokens // seq, seq, h, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        out = block(x)
+        out.backward(grad)
+
+    secs = _time(step, device, iters=3 if device == "cuda" else 2)
+    return 3 * block_forward_gflop(h, tokens, seq) * 1e9 / secs
+
+
+# ---------------------------------------------------------------------------------------------- copies
+
+
+def probe_copies(device: str, mib: int, log: Callable[[str], None], notes: list[str]) -> PCIeProfile:
+    nbytes = mib * 2**20
+    if device == "cuda":
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        host2 = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dev2 = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        pageable = torch.empty(nbytes, dtype=torch.uint8)
+        h2d = nbytes / _time(lambda: dev.copy_(host, non_blocking=True), device, iters=5)
+        d2h = nbytes / _time(lambda: host.copy_(dev, non_blocking=True), device, iters=5)
+        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+        def both() -> None:
+            with torch.cuda.stream(s1):
+                dev.copy_(host, non_blocking=True)
+            with torch.cuda.stream(s2):
+                host2.copy_(dev2, non_blocking=True)
+
+        duplex = 2 * nbytes / _time(both, device, iters=5)
+        page = nbytes / _time(lambda: dev.copy_(pageable), device, iters=3)
+        del host, host2, dev, dev2, pageable
+        torch.cuda.empty_cache()
+    else:
+        src = torch.ones(nbytes // 4, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        src2, dst2 = torch.ones_like(src), torch.empty_like(src)
+        h2d = d2h = nbytes / _time(lambda: dst.copy_(src), device, iters=3)
+        dst2.copy_(src2)  # touch every page first: a first write pays page faults, not copying
+        secs = min(_concurrent([lambda: dst.copy_(src), lambda: dst2.copy_(src2)]) for _ in range(2))
+        duplex = 2 * nbytes / secs
+        page = h2d
+        notes.append(
+            "pcie: no CUDA device; these are host memcpy rates (what the CPU fallback's 'copy in' costs)"
+        )
+        del src, dst, src2, dst2
+    log(
+        f"copies: h2d {h2d / 1e9:.1f} GB/s, d2h {d2h / 1e9:.1f} GB/s, both at once {duplex / 1e9:.1f} GB/s, "
+        f"pageable h2d {page / 1e9:.1f} GB/s"
+    )
+    return PCIeProfile(
+        h2d_gbps=_sig(h2d / 1e9),
+        d2h_gbps=_sig(d2h / 1e9),
+        duplex_gbps=_sig(duplex / 1e9),
+        pageable_h2d_gbps=_sig(page / 1e9),
+    )
+
+
+def _concurrent(fns: Sequence[Callable[[], object]]) -> float:
+    """Wall seconds of running every fn at once on its own thread (the GIL is released by the work)."""
+    barrier = threading.Barrier(len(fns) + 1)
+    done: list[float] = []
+
+    def run(fn: Callable[[], object]) -> None:
+        barrier.wait()
+        fn()
+        done.append(time.perf_counter())
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in fns]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return max(done) - start
+
+
+# ---------------------------------------------------------------------------------------------- SSD
+
+
+@contextlib.contextmanager
+def _probe_dirs(dirs: Sequence[str]) -> Iterator[list[Path]]:
+    made = []
+    try:
+        for d in dirs:
+            path = Path(d) / f"fuyou-probe-{os.getpid()}"
+            path.mkdir(parents=True, exist_ok=True)
+            made.append(path)
+        yield made
+    finally:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _payload(nbytes: int) -> memoryview:
+    from fuyou_ray.store import aligned_buffer
+
+    buf = aligned_buffer(nbytes)
+    # Incompressible bytes: some drives compress, and zeros would flatter them.
+    torch.frombuffer(buf, dtype=torch.uint8)[:nbytes].copy_(
+        torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    )
+    return memoryview(buf)
+
+
+def _store_rates(
+    paths: Sequence[Path], nbytes: int, qd: int, src: memoryview, dst: memoryview
+) -> tuple[float, float, bool]:
+    """(read B/s, write B/s, O_DIRECT?) of one record through a store with `qd` I/O threads."""
+    from fuyou_ray.store import SSDTensorStore
+
+    store = SSDTensorStore([str(p) for p in paths], direct_io=True, io_threads=qd, verify_checksums=True)
+    try:
+        name = f"u{qd:05d}.probe"
+        writes, reads = [], []
+        for version in range(2):
+            start = time.perf_counter()
+            store.write_from(name, src, dtype="uint8", numel=nbytes, version=version)
+            writes.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            store.read_into(name, dst)
+            reads.append(time.perf_counter() - start)
+        return nbytes / min(reads), nbytes / min(writes), all(store.direct)
+    finally:
+        store.discard_staged()
+        store.close()
+
+
+def _mixed_rates(
+    paths: Sequence[Path], nbytes: int, qd: int, src: memoryview, dst: memoryview
+) -> tuple[float, float]:
+    """(read B/s, write B/s) while one record is read and another written at the same time."""
+    from fuyou_ray.store import SSDTensorStore
+
+    store = SSDTensorStore([str(p) for p in paths], direct_io=True, io_threads=qd, verify_checksums=True)
+    try:
+        store.write_from("u00000.mixed-r", src, dtype="uint8", numel=nbytes, version=0)
+        durations: dict[str, float] = {}
+
+        def timed(key: str, fn: Callable[[], object]) -> Callable[[], None]:
+            def run() -> None:
+                start = time.perf_counter()
+                fn()
+                durations[key] = time.perf_counter() - start
+
+            return run
+
+        _concurrent(
+            [
+                timed("read", lambda: store.read_into("u00000.mixed-r", dst)),
+                timed(
+                    "write",
+                    lambda: store.write_from("u00000.mixed-w", src, dtype="uint8", numel=nbytes, version=0),
+                ),
+            ]
+        )
+        return nbytes / durations["read"], nbytes / durations["write"]
+    finally:
+        store.discard_staged()
+        store.close()
+
+
+def probe_ssd(options: ProbeOptions, log: Callable[[str], None], notes: list[str]) -> SSDProfile:
+    dirs = options.ssd_dirs or ("runs/probe-ssd",)
+    if not options.ssd_dirs:
+        notes.append("ssd: no --ssd given; measured ./runs/probe-ssd, which may not be an SSD")
+    nbytes = options.ssd_file_mib * 2**20
+    src, dst = _payload(nbytes), _payload(nbytes)
+    per_dir: list[SSDDirProfile] = []
+    with _probe_dirs(dirs) as paths:
+        for d, path in zip(dirs, paths, strict=True):
+            rates, direct = [], True
+            for qd in options.queue_depths:
+                r, w, direct = _store_rates([path], nbytes, qd, src, dst)
+                rates.append(SSDRate(qd, _sig(r / 1e9), _sig(w / 1e9)))
+                log(f"ssd {d}: queue depth {qd}: read {r / 1e9:.2f} GB/s, write {w / 1e9:.2f} GB/s")
+            if not direct:
+                notes.append(
+                    f"ssd {d}: O_DIRECT refused (tmpfs/overlay?): buffered I/O, the page cache flatters it"
+                )
+            free = shutil.disk_usage(path).free
+            per_dir.append(SSDDirProfile(str(d), direct, free, tuple(rates)))
+        if len(paths) > 1:
+            striped = []
+            for qd in options.queue_depths:
+                r, w, _ = _store_rates(paths, nbytes, qd, src, dst)
+                striped.append(SSDRate(qd, _sig(r / 1e9), _sig(w / 1e9)))
+                log(
+                    f"ssd striped over {len(paths)}: queue depth {qd}: "
+                    f"read {r / 1e9:.2f}, write {w / 1e9:.2f} GB/s"
+                )
+        else:
+            striped = list(per_dir[0].rates)
+        deepest = max(options.queue_depths)
+        mr, mw = _mixed_rates(paths, nbytes, deepest, src, dst)
+        log(
+            f"ssd reads and writes at once (queue depth {deepest}): "
+            f"read {mr / 1e9:.2f}, write {mw / 1e9:.2f} GB/s"
+        )
+    return SSDProfile(
+        devices=len(dirs),
+        rates=tuple(striped),
+        mixed_read_gbps=_sig(mr / 1e9),
+        mixed_write_gbps=_sig(mw / 1e9),
+        capacity_bytes=sum(d.free_bytes for d in per_dir),
+        dirs=tuple(per_dir),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def probe_cpu(
+    melements: int, log: Callable[[str], None], notes: list[str], threads: Sequence[int] = ()
+) -> CPUProfile:
+    from fuyou_ray.optim import AdamWStep, adamw_update_
+
+    cores = os.cpu_count() or 1
+    n = melements * 1_000_000
+    w, g, m, v = (torch.rand(n) for _ in range(4))
+    out = torch.empty(n, dtype=torch.bfloat16)
+    hp = AdamWStep(1, 1e-4, 0.9, 0.95, 1e-8, 0.1)
+    counts = sorted(set(threads) or {1, *[2**k for k in range(1, int(math.log2(cores)) + 1)], cores})
+    before = torch.get_num_threads()
+    rates = []
+    try:
+        for t in counts:
+            torch.set_num_threads(t)
+            secs = _time(
+                lambda: adamw_update_(w, g, m, v, hp, decay_end=n // 2, params_out=out), "cpu", iters=3
+            )
+            rates.append(AdamRate(t, _sig(n / secs / 1e9)))
+            log(f"cpu: fused AdamW on {t} thread(s): {n / secs / 1e9:.3f} Gparam/s")
+    finally:
+        torch.set_num_threads(before)
+    try:
+        shm = shutil.disk_usage("/dev/shm").total
+    except OSError:
+        shm = 0
+        notes.append("cpu: no /dev/shm")
+    return CPUProfile(
+        name=_cpu_name(), cores=cores, memory_bytes=_host_memory(), shm_bytes=shm, adam=tuple(rates)
+    )
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"

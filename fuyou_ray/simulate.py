@@ -1,0 +1,612 @@
+"""The step simulator: replays a step schedule event by event over the machine's resources.
+
+Input: a `StepSchedule` - the real one from `fuyou_ray.schedule.build_step` (what the pipeline runs today),
+or the one `build_planned_step` writes for a `Plan` that uses the planner's features (prefetch on copy
+streams, CPU caches, activation swapping, optimizer overlap). Both are lists of `Op`s with actor, method,
+arguments and dependencies (`after` and `Ref` arguments), so one replay serves both.
+
+Each op is priced as a sequence of stages, each on one resource (see `op_stages`):
+  gpu        seconds of compute (FLOPs of the unit call at the profile's rate for the chunk size)
+  h2d, d2h   bytes over PCIe; both directions at once share the duplex bandwidth
+  ssd_read, ssd_write   bytes; concurrent requests share the SSD bandwidth at the plan's queue depth
+  cpu        AdamW elements; each optimizer actor at its thread count's rate, the pool capped by the rate of
+             all its threads together (memory bandwidth)
+  wait       a fixed delay that uses nothing (an actor call's overhead, the commit's fsyncs)
+Actors execute as Ray executes them: `gpu`, each `opt<k>` and the copy streams `h2d`/`d2h` run their ops
+one at a time in submission order; `ssd` (a threaded actor) runs up to `ssd_concurrency` at once, starting
+ops as their dependencies resolve; `host` ops (CPU-cache hits) cost nothing. Shared resources are divided
+among the stages using them at each instant (processor sharing), so overlap, contention and pipeline
+fill/drain come out of the replay rather than a formula. The result carries per-resource busy time as
+`fuyou_ray.timeline.Span`s, the same lanes the actors record, so prediction and measurement compare lane
+by lane.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, overload
+
+from fuyou_ray.costmodel import (
+    GRAD_BYTES,
+    ResourceTimes,
+    StepAccount,
+    Workload,
+    account_step,
+    backward_method,
+)
+from fuyou_ray.costmodel import call_seconds as _call_seconds
+from fuyou_ray.optim import AdamWStep, shard_ranges
+from fuyou_ray.profile import HardwareProfile
+from fuyou_ray.schedule import Op, Ref, StepInputs, StepSchedule, build_step
+from fuyou_ray.timeline import Span
+
+if TYPE_CHECKING:
+    from fuyou_ray.plan import Plan
+
+RESOURCES = ("gpu", "h2d", "d2h", "ssd_read", "ssd_write", "cpu", "wait")
+LANE_OF = {
+    "gpu": "gpu compute",
+    "h2d": "h2d",
+    "d2h": "d2h",
+    "ssd_read": "ssd read",
+    "ssd_write": "ssd write",
+    "cpu": "cpu adam",
+}
+SSD_CONCURRENCY = 4  # the SSD actor's max_concurrency (fuyou_ray/executor.py)
+RAY_ACTORS = ("gpu", "ssd", "opt")  # ops on these are Ray actor calls and pay the call overhead
+
+
+class SimulationError(RuntimeError):
+    """The schedule cannot run to completion (a dependency cycle or an op no actor can start)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    resource: str
+    amount: float  # seconds (gpu, wait), bytes (h2d, d2h, ssd_*) or elements (cpu)
+
+
+@dataclass(frozen=True)
+class SimEnv:
+    """What the replay prices ops with."""
+
+    profile: HardwareProfile
+    workload: Workload
+    plan: Plan
+    ssd_queue_depth: int
+    ssd_concurrency: int = SSD_CONCURRENCY
+
+
+# ---------------------------------------------------------------------------------------------- pricing
+
+
+def op_stages(op: Op, env: SimEnv, memo: dict[tuple[int, str], float] | None = None) -> list[Stage]:
+    """The resource stages of one op, in order. Covers the vocabulary of both schedule builders."""
+    w, prof = env.workload, env.profile
+    memo = {} if memo is None else memo
+
+    def call_seconds(w: Workload, unit: int, method: str, prof: HardwareProfile) -> float:
+        if (unit, method) not in memo:
+            memo[unit, method] = _call_seconds(w, unit, method, prof)
+        return memo[unit, method]
+
+    stages: list[Stage] = []
+    if prof.call_overhead_s > 0 and op.actor.startswith(RAY_ACTORS):
+        stages.append(Stage("wait", prof.call_overhead_s))
+    method = op.method
+    if op.actor == "gpu":
+        unit = op.unit
+        p_bytes = w.spec.units[unit].numel * w.param_bytes if unit >= 0 else 0
+        g_bytes = w.spec.units[unit].numel * GRAD_BYTES if unit >= 0 else 0
+        # build_step's calls copy their params in (and gradients out) inside the call, synchronously.
+        if method == "forward":
+            stages += [Stage("h2d", p_bytes), Stage("gpu", call_seconds(w, unit, "forward", prof))]
+        elif method in ("head", "backward"):
+            secs = call_seconds(
+                w, unit, method if method == "head" else backward_method(w, unit, "keep"), prof
+            )
+            stages += [Stage("h2d", p_bytes), Stage("gpu", secs), Stage("d2h", g_bytes)]
+        # build_planned_step's compute calls: the copies are separate ops on the copy streams.
+        elif method.startswith("compute_"):
+            stages.append(Stage("gpu", call_seconds(w, unit, method.removeprefix("compute_"), prof)))
+    elif op.actor in ("h2d", "d2h"):
+        stages.append(Stage(op.actor, op.nbytes))
+    elif op.actor == "ssd":
+        if method == "read":
+            stages.append(Stage("ssd_read", op.nbytes))
+        elif method == "write":
+            stages.append(Stage("ssd_write", op.nbytes))
+        elif method == "commit":
+            stages.append(Stage("wait", prof.commit_s))
+    elif op.actor.startswith("opt") and method == "update":
+        stages.append(Stage("cpu", op.nbytes))
+    return [s for s in stages if s.amount > 0]
+
+
+def _capacity(actor: str, env: SimEnv) -> tuple[int, bool]:
+    """(ops at once, in submission order?) for an actor."""
+    if actor == "ssd":
+        return env.ssd_concurrency, False
+    if actor == "host":
+        return 1 << 30, False
+    return 1, True
+
+
+# ---------------------------------------------------------------------------------------------- replay
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """The replay of one step: its length, each resource's busy time, and the busy intervals."""
+
+    step_s: float
+    busy: dict[str, float]  # seconds each lane was busy (union of its intervals); 'pcie' and 'ssd' too
+    spans: Sequence[Span] = field(repr=False)
+    op_end: tuple[float, ...] = field(repr=False)
+
+
+def simulate(sched: StepSchedule, env: SimEnv) -> SimResult:
+    """Replay `sched` on the resources of `env.profile`; see the module docstring for the rules."""
+    ops = sched.ops
+    n = len(ops)
+    deps = [set(op.after) | {a.op for a in op.args if isinstance(a, Ref)} for op in ops]
+    waiting = [len(x) for x in deps]
+    dependents: list[list[int]] = [[] for _ in range(n)]
+    for i, before in enumerate(deps):
+        for j in before:
+            if j >= i:
+                raise SimulationError(f"op {i} ({ops[i].actor}.{ops[i].method}) depends on a later op {j}")
+            dependents[j].append(i)
+    memo: dict[tuple[int, str], float] = {}
+    stages = [op_stages(op, env, memo) for op in ops]
+
+    prof, plan = env.profile, env.plan
+    adam_one = prof.cpu.adam_rate(plan.optimizer_threads)
+    pcie_memo: dict[tuple[bool, bool], tuple[float, float]] = {}
+    ssd_memo: dict[tuple[int, int], tuple[float, float]] = {}
+    cpu_memo: dict[int, float] = {}
+    queues: dict[str, deque[int]] = {}
+    ready: dict[str, list[tuple[float, int]]] = {}
+    running: dict[str, int] = {}
+    caps: dict[str, tuple[int, bool]] = {}
+    for i, op in enumerate(ops):
+        if op.actor not in caps:
+            caps[op.actor] = _capacity(op.actor, env)
+            queues[op.actor] = deque()
+            ready[op.actor] = []
+            running[op.actor] = 0
+        if caps[op.actor][1]:
+            queues[op.actor].append(i)
+    now = 0.0
+    end = [0.0] * n
+    active: dict[int, list[float]] = {}  # op -> [stage index, remaining amount, stage start]
+    spans: list[tuple[str, int, float, float, int]] = []  # lane, op, start, end, amount
+    finished = 0
+
+    def release(i: int) -> None:
+        nonlocal finished
+        finished += 1
+        end[i] = now
+        running[ops[i].actor] -= 1
+        for j in dependents[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0 and not caps[ops[j].actor][1]:
+                heapq.heappush(ready[ops[j].actor], (now, j))
+
+    for i, op in enumerate(ops):
+        if waiting[i] == 0 and not caps[op.actor][1]:
+            heapq.heappush(ready[op.actor], (0.0, i))
+
+    def start_ready() -> None:
+        progress = True
+        while progress:
+            progress = False
+            for actor, (cap, in_order) in caps.items():
+                while running[actor] < cap:
+                    if in_order:
+                        q = queues[actor]
+                        if not q or waiting[q[0]] > 0:
+                            break
+                        i = q.popleft()
+                    else:
+                        if not ready[actor]:
+                            break
+                        i = heapq.heappop(ready[actor])[1]
+                    running[actor] += 1
+                    if stages[i]:
+                        active[i] = [0, stages[i][0].amount, now]
+                    else:
+                        release(i)
+                        progress = True
+
+    start_ready()
+    while active:
+        # Rates of every active stage under the sharing rules.
+        by_res: dict[str, list[int]] = {}
+        for i, st in active.items():
+            by_res.setdefault(stages[i][int(st[0])].resource, []).append(i)
+        rate: dict[int, float] = {}
+        for res, members in by_res.items():
+            k = len(members)
+            if res in ("gpu", "wait"):
+                r = 1.0 / k if res == "gpu" else 1.0
+                for i in members:
+                    rate[i] = r
+            elif res in ("h2d", "d2h"):
+                key = ("h2d" in by_res, "d2h" in by_res)
+                if key not in pcie_memo:
+                    pcie_memo[key] = prof.pcie.rates(*key)
+                up, down = pcie_memo[key]
+                for i in members:
+                    rate[i] = (up if res == "h2d" else down) / k
+            elif res in ("ssd_read", "ssd_write"):
+                nr, nw = len(by_res.get("ssd_read", ())), len(by_res.get("ssd_write", ()))
+                if (nr, nw) not in ssd_memo:
+                    ssd_memo[nr, nw] = prof.ssd.shared_bps(env.ssd_queue_depth, nr, nw)
+                rr, ww = ssd_memo[nr, nw]
+                for i in members:
+                    rate[i] = (rr / nr) if res == "ssd_read" else (ww / nw)
+            elif res == "cpu":
+                if k not in cpu_memo:
+                    cpu_memo[k] = min(adam_one, prof.cpu.adam_rate(plan.optimizer_threads * k) / k)
+                for i in members:
+                    rate[i] = cpu_memo[k]
+        dt = min(active[i][1] / rate[i] for i in active)
+        now += dt
+        done: list[int] = []
+        for i, st in active.items():
+            st[1] -= rate[i] * dt
+            if st[1] <= 1e-9 * max(1.0, stages[i][int(st[0])].amount):
+                done.append(i)
+        for i in sorted(done):
+            st = active[i]
+            stage = stages[i][int(st[0])]
+            if stage.resource in LANE_OF:
+                spans.append((LANE_OF[stage.resource], i, st[2], now, int(stage.amount)))
+            nxt = int(st[0]) + 1
+            if nxt < len(stages[i]):
+                active[i] = [nxt, stages[i][nxt].amount, now]
+            else:
+                del active[i]
+                release(i)
+        start_ready()
+    if finished != n:
+        stuck = next(i for i in range(n) if end[i] == 0.0 and waiting[i] >= 0 and i not in active)
+        raise SimulationError(
+            f"the schedule stalls: {n - finished} of {n} ops never ran (first: op {stuck} "
+            f"{ops[stuck].actor}.{ops[stuck].method}, waiting on {sorted(deps[stuck])})"
+        )
+    busy = {lane: _union(spans, (lane,)) for lane in LANE_OF.values()}
+    busy["pcie"] = _union(spans, ("h2d", "d2h"))
+    busy["ssd"] = _union(spans, ("ssd read", "ssd write"))
+    return SimResult(now, busy, _Spans(spans, ops), tuple(end))
+
+
+class _Spans(Sequence[Span]):
+    """The replay's busy intervals as timeline Spans, built on first access (the search never needs them)."""
+
+    def __init__(self, raw: list[tuple[str, int, float, float, int]], ops: list[Op]) -> None:
+        self._raw, self._ops = raw, ops
+        self._spans: list[Span] | None = None
+
+    def _all(self) -> list[Span]:
+        if self._spans is None:
+            self._spans = [
+                Span(lane, f"{self._ops[i].method} {self._ops[i].unit}", start, end, amount)
+                for lane, i, start, end, amount in self._raw
+            ]
+        return self._spans
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    @overload
+    def __getitem__(self, index: int) -> Span: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Span]: ...
+
+    def __getitem__(self, index: int | slice) -> Span | Sequence[Span]:
+        return self._all()[index]
+
+
+def _union(spans: list[tuple[str, int, float, float, int]], lanes: tuple[str, ...]) -> float:
+    """Length of the union of the intervals of `lanes`."""
+    total, cur_start, cur_end = 0.0, 0.0, -1.0
+    for start, end in sorted((s[2], s[3]) for s in spans if s[0] in lanes):
+        if start > cur_end:
+            total += max(0.0, cur_end - cur_start)
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    return total + max(0.0, cur_end - cur_start)
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+
+
+def current_step(w: Workload, plan: Plan) -> StepSchedule:
+    """The schedule the pipeline runs today (`fuyou_ray.schedule.build_step`) for this workload.
+
+    It ignores the planner's new fields: params are copied in inside the compute calls (no prefetch on the
+    device), every unit keeps its input and recomputes in backward, all state lives on SSD, and with
+    clipping the gradients are logged to SSD and the optimizer runs after the last backward.
+    """
+    from fuyou_ray.ring import make_spec
+
+    ring = make_spec(plan.slot_bytes, plan.num_slots)
+    inputs = StepInputs(
+        step=0,
+        inputs=None,
+        targets=None,
+        micro_batch=w.micro_batch,
+        hp=AdamWStep(1, 1e-4, 0.9, 0.95, 1e-8, 0.0),
+        max_grad_norm=1.0 if w.clipping else 0.0,
+        param_dtype=plan.param_dtype,
+        pool_size=plan.optimizer_actors,
+        commit_meta={},
+    )
+    return build_step(w.spec, ring, inputs)
+
+
+class _SlotRing:
+    """Round-robin ring slots, as `fuyou_ray.schedule` hands them out: a slot's next producer waits for
+    the slot's previous consumers."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.next = 0
+        self.fences: dict[int, list[int]] = {}
+
+    def take(self) -> tuple[int, list[int]]:
+        slot = self.next
+        self.next = (self.next + 1) % self.num_slots
+        return slot, self.fences.pop(slot, [])
+
+    def consumed_by(self, slot: int | None, ops: list[int]) -> None:
+        if slot is not None:
+            self.fences.setdefault(slot, []).extend(ops)
+
+
+def build_planned_step(w: Workload, plan: Plan) -> StepSchedule:
+    """The step of a plan that uses the planner's features, as ops for the simulator.
+
+    The vocabulary extends build_step's: `gpu.compute_<forward|head|backward|backward_swapped>(unit)` is
+    compute only; `h2d.copy` / `d2h.copy` are copies on the device's copy streams (in order); `ssd.read` /
+    `ssd.write` move records, activations and logged gradients; `opt<k>.update` as in build_step.
+    - prefetch: the copy of unit j's params (and swapped activations) waits for the compute that used the
+      same device buffer, j - prefetch_depth - 1; with depth 0 copy and compute alternate (today).
+    - CPU-cached params / state are neither read from nor written to SSD (unless `cache_write_through`).
+    - activations per policy: keep (nothing moves), recompute (the input goes to host memory and back),
+      swap_cpu (everything the backward needs goes to host memory and back), swap_ssd (... and to SSD).
+    - optimizer: 'backward' right after the unit's gradient reaches the host; 'after_backward' after the
+      clipping coefficient, unit by unit; 'next_forward' ahead of the unit's forward in the next step, whose
+      forward takes the new params straight from the optimizer (modelled in steady state: this step's
+      forward runs the previous step's updates).
+    """
+    s = StepSchedule()
+    units = w.spec.units
+    last = w.num_units - 1
+    pb = w.param_bytes
+    ring = _SlotRing(plan.num_slots)
+    cached_p, cached_s = set(plan.cpu_cached_params), set(plan.cpu_cached_state)
+    resident = set(plan.gpu_resident_params)
+    overlap = plan.overlap
+    log_tier = plan.grad_log_tier
+    computes: list[int] = []
+    writes: list[int] = []
+    act_ready: dict[int, int] = {}
+    grads_out: list[int] = []
+    logged: dict[int, int] = {}
+    refreshed: set[int] = set()  # resident units whose device copy got this step's refresh
+    start = s.add("gpu", "start_step", phase="forward")
+
+    def fence(back: int) -> list[int]:
+        k = len(computes) - back
+        return [computes[k]] if k >= 0 else []
+
+    def read(nbytes: int, phase: str, unit: int, after: list[int]) -> tuple[int, int]:
+        slot, f = ring.take()
+        op = s.add("ssd", "read", after=[*f, *after], phase=phase, unit=unit, nbytes=nbytes)
+        return op, slot
+
+    def write(nbytes: int, phase: str, unit: int, after: list[int], slot: int | None) -> int:
+        op = s.add("ssd", "write", after=after, phase=phase, unit=unit, nbytes=nbytes)
+        ring.consumed_by(slot, [op])
+        writes.append(op)
+        return op
+
+    def optimizer(
+        u: int, phase: str, grad: list[int], g_slot: int | None, extra: list[int]
+    ) -> tuple[list[int], int | None]:
+        numel = units[u].numel
+        reads, slots = [], []
+        if u not in cached_s:
+            for _ in range(3):
+                r, sl = read(numel * 4, phase, u, [])
+                reads.append(r)
+                slots.append(sl)
+        p_slot, p_fence = (None, []) if u in cached_p else ring.take()
+        deps = [*reads, *grad, *p_fence, *extra]
+        updates = [
+            s.add(f"opt{k}", "update", after=deps, phase=phase, unit=u, nbytes=hi - lo)
+            for k, (lo, hi) in enumerate(shard_ranges(numel, plan.optimizer_actors))
+        ]
+        ring.consumed_by(g_slot, updates)
+        for sl in slots:
+            write(numel * 4, phase, u, updates, sl)
+        if u in cached_s and plan.cache_write_through:
+            for _ in range(3):
+                write(numel * 4, phase, u, updates, None)
+        if u not in cached_p:
+            write(numel * pb, phase, u, updates, p_slot)
+        if u in resident and overlap == "next_forward":
+            # The device copy is refreshed with the new params right before this step's first use.
+            refresh = s.add("h2d", "copy", after=updates, phase=phase, unit=u, nbytes=numel * pb)
+            return [refresh], None
+        return updates, p_slot
+
+    def previous_step_update(u: int, phase: str) -> tuple[list[int], int | None]:
+        """next_forward: this step runs the update of the previous step's gradient of unit u."""
+        if log_tier == "ssd":
+            r, g_slot = read(units[u].numel * GRAD_BYTES, phase, u, [])
+            return optimizer(u, phase, [r], g_slot, [start])
+        return optimizer(u, phase, [], None, [start])
+
+    def params_on_device(u: int, phase: str, new_p: tuple[list[int], int | None] | None) -> list[int]:
+        if u in resident:
+            if new_p is not None:
+                refreshed.add(u)
+                return new_p[0]
+            if u in refreshed:
+                return []
+            # Steady state: the previous step's update is copied in before this step's first use.
+            refreshed.add(u)
+            refresh = s.add(
+                "h2d",
+                "copy",
+                after=[start, *fence(plan.prefetch_depth + 1)],
+                phase=phase,
+                unit=u,
+                nbytes=units[u].numel * pb,
+            )
+            return [refresh]
+        src: list[int] = []
+        slot: int | None = None
+        if new_p is not None:
+            src, slot = new_p
+        elif u not in cached_p:
+            r, slot = read(units[u].numel * pb, phase, u, [])
+            src = [r]
+        h = s.add(
+            "h2d",
+            "copy",
+            after=[start, *src, *fence(plan.prefetch_depth + 1)],
+            phase=phase,
+            unit=u,
+            nbytes=units[u].numel * pb,
+        )
+        ring.consumed_by(slot, [h])
+        return [h]
+
+    # forward through every unit but the head
+    for u in range(last):
+        new_p = previous_step_update(u, "forward") if overlap == "next_forward" else None
+        on_device = params_on_device(u, "forward", new_p)
+        c = s.add("gpu", "compute_forward", u, after=[start, *on_device], phase="forward", unit=u)
+        computes.append(c)
+        policy = plan.policy(u)
+        if w.kind(u) == "block" and policy != "keep":
+            moved = w.boundary_bytes if policy == "recompute" else w.activation_bytes(u)
+            d = s.add("d2h", "copy", after=[c], phase="forward", unit=u, nbytes=moved)
+            act_ready[u] = write(moved, "forward", u, [d], None) if policy == "swap_ssd" else d
+
+    # head (forward + backward), then backward of the rest in reverse
+    for u in range(last, -1, -1):
+        new_p = previous_step_update(u, "backward") if overlap == "next_forward" and u == last else None
+        on_device = params_on_device(u, "backward", new_p)
+        policy = plan.policy(u)
+        acts: list[int] = []
+        if w.kind(u) == "block" and policy != "keep":
+            moved = w.boundary_bytes if policy == "recompute" else w.activation_bytes(u)
+            src = [act_ready[u]]
+            if policy == "swap_ssd":
+                r = s.add(
+                    "ssd",
+                    "read",
+                    after=[*src, *fence(plan.prefetch_depth + 2)],
+                    phase="backward",
+                    unit=u,
+                    nbytes=moved,
+                )
+                src = [r]
+            acts = [
+                s.add(
+                    "h2d",
+                    "copy",
+                    after=[*src, *fence(plan.prefetch_depth + 1)],
+                    phase="backward",
+                    unit=u,
+                    nbytes=moved,
+                )
+            ]
+        method = "compute_" + backward_method(w, u, policy)
+        c = s.add("gpu", method, u, after=[start, *on_device, *acts], phase="backward", unit=u)
+        computes.append(c)
+        g_bytes = units[u].numel * GRAD_BYTES
+        to_ring = overlap == "backward" or log_tier == "ssd"
+        g_slot, g_fence = ring.take() if to_ring else (None, [])
+        d = s.add("d2h", "copy", after=[c, *g_fence], phase="backward", unit=u, nbytes=g_bytes)
+        grads_out.append(d)
+        if overlap == "backward":
+            optimizer(u, "backward", [d], g_slot, [])
+        elif log_tier == "ssd":
+            logged[u] = write(g_bytes, "backward", u, [d], g_slot)
+        else:
+            logged[u] = d
+
+    if w.clipping:
+        clip = s.add("gpu", "clip_coefficient", 1.0, after=grads_out, phase="optimizer")
+        if overlap == "after_backward":
+            for u in range(last, -1, -1):
+                if log_tier == "ssd":
+                    r, g_slot = read(units[u].numel * GRAD_BYTES, "optimizer", u, [logged[u]])
+                    optimizer(u, "optimizer", [r], g_slot, [clip])
+                else:
+                    optimizer(u, "optimizer", [logged[u]], None, [clip])
+    s.summary = s.add("gpu", "step_summary", after=[start], phase="commit")
+    s.commit = s.add("ssd", "commit", after=[*writes, s.summary], phase="commit")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a plan's step is predicted to take, and why."""
+
+    step_s: float
+    tflops: float  # model FLOPs (6 N T + attention) per second, as the driver reports
+    busy: dict[str, float]  # simulated busy seconds per lane
+    work: ResourceTimes  # each resource's work alone (closed form): the bound
+    account: StepAccount
+    schedule: str  # "planned" or "current"
+    sim: SimResult = field(repr=False)
+
+    @property
+    def bound_s(self) -> float:
+        return self.work.bound
+
+    @property
+    def bottleneck(self) -> str:
+        return self.work.bottleneck
+
+    @property
+    def efficiency(self) -> float:
+        return self.work.bound / self.step_s if self.step_s > 0 else 0.0
+
+
+def predict(w: Workload, plan: Plan, profile: HardwareProfile, *, schedule: str = "planned") -> Prediction:
+    """Simulate one step of `plan` on `profile`: 'planned' (the plan's features) or 'current' (build_step)."""
+    sched = build_planned_step(w, plan) if schedule == "planned" else current_step(w, plan)
+    env = SimEnv(profile, w, plan, plan.ssd_queue_depth)
+    sim = simulate(sched, env)
+    account = (
+        account_step(w, plan, profile)
+        if schedule == "planned"
+        else account_step(w, plan.as_current(), profile)
+    )
+    work = account.times(profile, plan.ssd_queue_depth, plan.optimizer_actors * plan.optimizer_threads)
+    return Prediction(
+        step_s=sim.step_s,
+        tflops=w.model_flops() / sim.step_s / 1e12 if sim.step_s > 0 else 0.0,
+        busy=sim.busy,
+        work=work,
+        account=account,
+        schedule=schedule,
+        sim=sim,
+    )

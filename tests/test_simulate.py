@@ -1,0 +1,253 @@
+"""The step simulator against hand-computed bounds, and against the closed-form accounting."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fuyou_ray.config import RunConfig
+from fuyou_ray.costmodel import ssd_seconds
+from fuyou_ray.models import ModelSpec
+from fuyou_ray.plan import Plan, base_plan, workload_of
+from fuyou_ray.profile import (
+    AdamRate,
+    CPUProfile,
+    GPUProfile,
+    HardwareProfile,
+    PCIeProfile,
+    SSDProfile,
+    SSDRate,
+)
+from fuyou_ray.schedule import Ref, StepSchedule
+from fuyou_ray.simulate import SimEnv, SimulationError, build_planned_step, predict, simulate
+from tests.conftest import tiny_config
+
+FAST = 1e6  # GB/s or Gparam/s: a resource that never matters
+
+
+def make_profile(
+    *,
+    tflops: float = 1.0,
+    half_gflop: float = 0.0,
+    h2d: float = FAST,
+    d2h: float = FAST,
+    duplex: float = 0.0,
+    read: float = FAST,
+    write: float = FAST,
+    mixed: tuple[float, float] = (0.0, 0.0),
+    adam: tuple[tuple[int, float], ...] = ((1, FAST),),
+    cores: int = 8,
+    overhead: float = 0.0,
+    commit: float = 0.0,
+) -> HardwareProfile:
+    return HardwareProfile(
+        name="test",
+        gpu=GPUProfile("test-gpu", "cuda", 1 << 40, tflops, tflops, half_gflop),
+        pcie=PCIeProfile(h2d, d2h, duplex),
+        ssd=SSDProfile(
+            devices=1,
+            rates=(SSDRate(8, read, write),),
+            mixed_read_gbps=mixed[0],
+            mixed_write_gbps=mixed[1],
+            capacity_bytes=1 << 50,
+        ),
+        cpu=CPUProfile("test-cpu", cores, 1 << 40, 1 << 40, tuple(AdamRate(t, r) for t, r in adam)),
+        call_overhead_s=overhead,
+        commit_s=commit,
+    )
+
+
+def small_config(tmp: Path, clip: float = 0.0, **batch: int) -> RunConfig:
+    return tiny_config(
+        tmp,
+        model={"n_layer": 4, "n_head": 2, "d_model": 64, "max_seq_len": 64, "vocab_size": 256},
+        batch={"global_batch": 8, "micro_batch": 4, "seq_len": 64, **batch},
+        optimizer={"max_grad_norm": clip},
+        budgets={"gpu_mem": "1GiB", "cpu_mem": "1GiB"},
+    )
+
+
+def env_for(profile: HardwareProfile, cfg: RunConfig, **plan_fields: object) -> SimEnv:
+    spec = ModelSpec(cfg.model)
+    plan = dataclasses.replace(base_plan(cfg, spec, profile), num_slots=8, **plan_fields)  # type: ignore[arg-type]
+    return SimEnv(profile, workload_of(cfg, spec, "cuda"), plan, 8)
+
+
+def io_schedule(reads: int, writes: int, nbytes: int) -> StepSchedule:
+    s = StepSchedule()
+    for _ in range(reads):
+        s.add("ssd", "read", nbytes=nbytes)
+    for _ in range(writes):
+        s.add("ssd", "write", nbytes=nbytes)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------- hand bounds
+
+
+def test_pure_ssd_reads_take_bytes_over_rate(tmp_path: Path) -> None:
+    env = env_for(make_profile(read=2.0), small_config(tmp_path))
+    result = simulate(io_schedule(8, 0, 10**9), env)
+    assert result.step_s == pytest.approx(8e9 / 2e9, rel=0.01)
+    assert result.busy["ssd read"] == pytest.approx(result.step_s, rel=1e-9)
+
+
+def test_reads_and_writes_time_share_the_ssd(tmp_path: Path) -> None:
+    env = env_for(make_profile(read=2.0, write=1.0), small_config(tmp_path))
+    result = simulate(io_schedule(4, 4, 10**9), env)
+    # Time sharing is work-conserving: the device is busy for r/R + w/W whatever the interleaving.
+    assert result.step_s == pytest.approx(4 / 2 + 4 / 1, rel=0.01)
+    assert result.step_s == pytest.approx(ssd_seconds(env.profile, 8, 4e9, 4e9), rel=0.01)
+
+
+def test_measured_mixing_is_used_and_never_beats_the_bound(tmp_path: Path) -> None:
+    prof = make_profile(read=2.0, write=1.0, mixed=(1.6, 0.7))  # reads and writes overlap well
+    env = env_for(prof, small_config(tmp_path))
+    s = StepSchedule()
+    s.add("ssd", "read", nbytes=2 * 10**9)
+    s.add("ssd", "write", nbytes=10**9)
+    result = simulate(s, env)
+    # Both at once: reads at 1.6, writes at 0.7 GB/s until the reads are done (2/1.6 s), then writes alone.
+    t_mixed = 2e9 / 1.6e9
+    expected = t_mixed + (1e9 - 0.7e9 * t_mixed) / 1e9
+    assert result.step_s == pytest.approx(expected, rel=0.01)
+    assert result.step_s >= ssd_seconds(prof, 8, 2e9, 1e9) * (1 - 1e-9)
+
+
+def test_the_optimizer_pool_shares_memory_bandwidth(tmp_path: Path) -> None:
+    prof = make_profile(adam=((1, 1.0), (2, 1.5)))
+    env = env_for(prof, small_config(tmp_path), optimizer_threads=1, optimizer_actors=2)
+    s = StepSchedule()
+    s.add("opt0", "update", nbytes=10**9)
+    s.add("opt1", "update", nbytes=10**9)
+    # Each actor alone would run at 1 Gparam/s; together they get 1.5 Gparam/s.
+    assert simulate(s, env).step_s == pytest.approx(2e9 / 1.5e9, rel=0.01)
+
+
+def test_copies_both_ways_share_the_duplex_bandwidth(tmp_path: Path) -> None:
+    env = env_for(make_profile(h2d=10.0, d2h=10.0, duplex=15.0), small_config(tmp_path))
+    s = StepSchedule()
+    s.add("h2d", "copy", nbytes=10 * 10**9)
+    s.add("d2h", "copy", nbytes=10 * 10**9)
+    assert simulate(s, env).step_s == pytest.approx(20e9 / 15e9, rel=0.01)
+
+
+def test_in_order_actors_wait_for_earlier_calls(tmp_path: Path) -> None:
+    env = env_for(make_profile(read=1.0, overhead=0.5), small_config(tmp_path))
+    s = StepSchedule()
+    r = s.add("ssd", "read", nbytes=10**9)  # 0.5 s of call overhead, then 1 s of reading
+    s.add("gpu", "step_summary", Ref(r))  # waits for the read
+    s.add("gpu", "step_summary")  # ready at once, but queued behind the previous gpu call
+    result = simulate(s, env)
+    assert result.op_end[1] == pytest.approx(2.0, rel=1e-6)
+    assert result.op_end[2] == pytest.approx(2.5, rel=1e-6)
+
+
+def test_a_dependency_on_a_later_op_is_refused(tmp_path: Path) -> None:
+    env = env_for(make_profile(), small_config(tmp_path))
+    s = StepSchedule()
+    s.add("ssd", "read", after=[1], nbytes=1)
+    s.add("ssd", "read", nbytes=1)
+    with pytest.raises(SimulationError, match="later op"):
+        simulate(s, env)
+
+
+# ------------------------------------------------------------------------------------------- real schedules
+
+
+def test_current_schedule_with_only_compute_takes_the_sum_of_its_calls(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path)
+    env = env_for(make_profile(tflops=1e-3), cfg)
+    pred = predict(env.workload, env.plan, env.profile, schedule="current")
+    # build_step issues every GPU call in order; with free I/O the step is their sum (recompute included).
+    assert pred.step_s == pytest.approx(pred.account.gpu_seconds, rel=0.01)
+    # Hand count: each block runs forward, then forward again and backward (4F); the head 3F; the
+    # embedding is a gather. F = 2 x params x tokens (+ 4 x tokens x seq x width for attention).
+    spec, t = env.workload.spec, 8 * 64
+    block = 2 * spec.units[1].numel * t + 4 * t * 64 * 64
+    head = 2 * spec.units[-1].numel * t
+    assert pred.account.gpu_flops == pytest.approx(4 * 4 * block + 3 * head, rel=1e-9)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_current_schedule_bound_by_the_ssd_runs_at_the_ssd_rate(tmp_path: Path, clip: float) -> None:
+    cfg = small_config(tmp_path, clip=clip)
+    env = env_for(make_profile(tflops=1e6, read=1e-3, write=0.5e-3), cfg)
+    pred = predict(env.workload, env.plan, env.profile, schedule="current")
+    assert pred.bottleneck == "ssd"
+    assert pred.step_s == pytest.approx(pred.work.ssd, rel=0.01)
+    # The real schedule moves exactly the bytes the closed form counts.
+    read = sum(s.nbytes for s in pred.sim.spans if s.lane == "ssd read")
+    assert read == pred.account.ssd_read_bytes
+
+
+def test_prefetch_overlaps_copies_with_compute(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path)
+    env = env_for(make_profile(tflops=2e-3), cfg)
+    pred = predict(env.workload, env.plan, env.profile)
+    # Copies as long as the compute: depth 0 serialises them, prefetch overlaps them.
+    prof = make_profile(tflops=2e-3, h2d=pred.account.h2d_bytes / pred.work.gpu / 1e9)
+    times = [
+        predict(env.workload, dataclasses.replace(env.plan, prefetch_depth=d), prof).step_s for d in (0, 1, 2)
+    ]
+    assert times[0] == pytest.approx(2 * pred.work.gpu, rel=0.05)
+    assert times[1] <= 0.7 * times[0]
+    assert times[2] <= times[1] * (1 + 1e-9)
+
+
+PLANS = [
+    {},
+    {"prefetch_depth": 2},
+    {"activation_policy": ("keep", "recompute", "swap_cpu", "swap_ssd", "keep", "keep")},
+    {"cpu_cached_params": (0, 3, 5), "cpu_cached_state": (1, 2), "gpu_resident_params": (4,)},
+    {"cpu_cached_state": (1, 2), "cache_write_through": True},
+]
+
+
+@pytest.mark.parametrize("fields", PLANS)
+@pytest.mark.parametrize(
+    ("clip", "overlap", "log"),
+    [
+        (0.0, "backward", ""),
+        (1.0, "after_backward", "ssd"),
+        (1.0, "next_forward", "ssd"),
+        (1.0, "next_forward", "cpu"),
+    ],
+)
+def test_planned_schedule_moves_what_the_accounting_counts(
+    tmp_path: Path, fields: dict[str, object], clip: float, overlap: str, log: str
+) -> None:
+    cfg = small_config(tmp_path, clip=clip)
+    prof = make_profile(tflops=1e-3, h2d=1.0, d2h=1.0, read=0.5, write=0.4, adam=((1, 0.1),))
+    env = env_for(prof, cfg, optimizer_overlap=overlap, grad_log=log, **fields)
+    pred = predict(env.workload, env.plan, prof)
+    moved = {lane: sum(s.nbytes for s in pred.sim.spans if s.lane == lane) for lane in pred.busy}
+    acc = pred.account
+    assert moved["h2d"] == acc.h2d_bytes
+    assert moved["d2h"] == acc.d2h_bytes
+    assert moved["ssd read"] == acc.ssd_read_bytes
+    assert moved["ssd write"] == acc.ssd_write_bytes
+    assert moved["cpu adam"] == acc.adam_elements
+    assert moved["gpu compute"] == 0 and pred.busy["gpu compute"] == pytest.approx(acc.gpu_seconds, rel=1e-6)
+    # No schedule beats the busiest resource.
+    assert pred.step_s >= pred.bound_s * (1 - 1e-9)
+
+
+def test_planned_schedule_is_valid_for_the_executor_order(tmp_path: Path) -> None:
+    """Every dependency points backwards (the property that makes in-order actors deadlock-free)."""
+    cfg = small_config(tmp_path, clip=1.0)
+    env = env_for(make_profile(), cfg, optimizer_overlap="next_forward", prefetch_depth=1)
+    sched = build_planned_step(env.workload, env.plan)
+    for op in sched.ops:
+        assert all(d < op.id for d in op.after)
+        assert all(a.op < op.id for a in op.args if isinstance(a, Ref))
+    assert sched.commit == len(sched.ops) - 1
+
+
+def test_plan_rejects_unknown_policies() -> None:
+    with pytest.raises(ValueError, match="activation_policy"):
+        Plan("cpu", "float32", 4096, 5, 1, 1, False, 0, 0, 0, activation_policy=("swap_gpu",))
+    with pytest.raises(ValueError, match="clip exactly"):
+        Plan("cpu", "float32", 4096, 5, 1, 1, True, 0, 0, 0, optimizer_overlap="backward")
