@@ -316,17 +316,13 @@ def gpu_memory(w: Workload, plan: Plan) -> MemoryNeed:
     gradient (backward). One chunk's working set: its saved activations and backward transients (twice
     the saved activations for swapped units: the next chunk's are in flight), or the head's logits.
     """
-    pb, h, tc = w.param_bytes, w.d_model, w.chunk_tokens
+    pb = w.param_bytes
     units = w.spec.units
     resident = set(plan.gpu_resident_params)
     streamed = [units[u].numel for u in range(w.num_units) if u not in resident] or [0]
     largest = max(u.numel for u in units)
     policies = [plan.policy(u) for u in w.blocks()]
-    act_chunk = w.activation_bytes(1, tc) if w.num_units > 2 else 0
-    transient = BACKWARD_TRANSIENT_PER_TOKEN_WIDTH * tc * h * pb // 2
-    swapping = any(p in ("swap_cpu", "swap_ssd") for p in policies)
-    block_work = act_chunk * (2 if swapping else 1) + transient
-    head_work = tc * w.spec.config.vocab_size * (pb + HEAD_BYTES_PER_TOKEN_VOCAB_EXTRA)
+    block_work, head_work = chunk_working_sets(w, plan)
     return MemoryNeed(
         {
             "param buffers": (1 + plan.prefetch_depth) * max(streamed) * pb,
@@ -337,6 +333,19 @@ def gpu_memory(w: Workload, plan: Plan) -> MemoryNeed:
             "one chunk's working set": max(block_work, head_work),
         }
     )
+
+
+def chunk_working_sets(w: Workload, plan: Plan) -> tuple[int, int]:
+    """Device bytes one chunk of (a block, the head) holds: a block's saved activations and backward
+    transients (twice the activations when blocks are swapped: the next chunk's are in flight); the head's
+    logits in the compute dtype plus their fp32 copies for the loss and its gradient."""
+    tc = w.chunk_tokens
+    act_chunk = w.activation_bytes(1, tc) if w.num_units > 2 else 0
+    transient = BACKWARD_TRANSIENT_PER_TOKEN_WIDTH * tc * w.d_model * w.param_bytes // 2
+    swapping = any(plan.policy(u) in ("swap_cpu", "swap_ssd") for u in w.blocks())
+    block = act_chunk * (2 if swapping else 1) + transient
+    head = tc * w.spec.config.vocab_size * (w.param_bytes + HEAD_BYTES_PER_TOKEN_VOCAB_EXTRA)
+    return block, head
 
 
 def cpu_memory(w: Workload, plan: Plan) -> MemoryNeed:

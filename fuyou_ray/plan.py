@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from fuyou_ray.simulate import Prediction
 
 MAX_USEFUL_SLOTS = 24  # beyond this the ring only adds prefetch the pipeline cannot use yet
+TIE_RESOLUTION = 1e-3  # predicted steps closer than this are equal to the planner
 OVERLAPS = ("backward", "after_backward", "next_forward")
 GRAD_LOGS = ("none", "ssd", "cpu")
 
@@ -525,6 +526,13 @@ def auto_plan(
         result = results[c]
         return result[0] if result is not None else math.inf
 
+    def rank(c: _Choice) -> tuple[float, int, int, int, int]:
+        """Shorter predicted step first, compared at 0.1% resolution (the model is no finer); among equals
+        the larger chunk (robust GPU efficiency), then less prefetch, a smaller ring, fewer swapped blocks."""
+        t = evaluate(c)
+        bucket = math.inf if math.isinf(t) else round(math.log(max(t, 1e-12)) / math.log1p(TIE_RESOLUTION))
+        return (bucket, -c.micro_batch, c.prefetch_depth, c.slots, c.swapped)
+
     def fits(c: _Choice) -> bool:
         return _allocate(cfg, workloads[c.micro_batch], base, c, options) is not None
 
@@ -535,7 +543,7 @@ def auto_plan(
         if not swapping:
             return replace(c, swapped=0)
         grid = sorted({round(i * n_blocks / options.swap_grid) for i in range(options.swap_grid + 1)})
-        return min((replace(c, swapped=k) for k in grid), key=evaluate)
+        return min((replace(c, swapped=k) for k in grid), key=rank)
 
     def refine(c: _Choice) -> _Choice:
         """Integer refinement of the swapped-block count around `c`, halving the step."""
@@ -543,7 +551,7 @@ def auto_plan(
         step = max(1, n_blocks // options.swap_grid // 2)
         while swapping and step >= 1:
             around = [replace(best, swapped=k) for k in (best.swapped - step, best.swapped + step)]
-            best = min([best, *[a for a in around if 0 <= a.swapped <= n_blocks]], key=evaluate)
+            best = min([best, *[a for a in around if 0 <= a.swapped <= n_blocks]], key=rank)
             step //= 2
         return best
 
@@ -572,13 +580,13 @@ def auto_plan(
                     stage1.append(coarse(_Choice(m, depth, overlap, 0, ring)))
     # Stage 2: the best three settings with every ring size (the ring competes with caches for host
     # memory), each refined.
-    stage1.sort(key=evaluate)
+    stage1.sort(key=rank)
     stage2 = [refine(replace(c, slots=n)) for c in stage1[:3] for n in slots_fit]
-    best = min([*stage1, *stage2], key=evaluate)
+    best = min([*stage1, *stage2], key=rank)
     for seed in seeds:
         c = _Choice(seed.micro_batch, seed.prefetch_depth, seed.overlap, _count_swapped(seed), seed.num_slots)
         if c.micro_batch in workloads and c.overlap in overlaps:
-            best = min([best, c], key=evaluate)
+            best = min([best, c], key=rank)
     got = results[best]
     assert got is not None
     return replace(got[1], evaluated=len([r for r in results.values() if r is not None]))

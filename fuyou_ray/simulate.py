@@ -97,19 +97,23 @@ def op_stages(op: Op, env: SimEnv, memo: dict[tuple[int, str], float] | None = N
     if prof.call_overhead_s > 0 and op.actor.startswith(RAY_ACTORS):
         stages.append(Stage("wait", prof.call_overhead_s))
     method = op.method
-    if op.actor == "gpu":
+    if op.actor in ("gpu", "cuda"):
         unit = op.unit
         p_bytes = w.spec.units[unit].numel * w.param_bytes if unit >= 0 else 0
-        g_bytes = w.spec.units[unit].numel * GRAD_BYTES if unit >= 0 else 0
-        # build_step's calls copy their params in (and gradients out) inside the call, synchronously.
+        # build_step's calls on a synchronous device (the CPU fallback): copy in, then compute.
         if method == "forward":
             stages += [Stage("h2d", p_bytes), Stage("gpu", call_seconds(w, unit, "forward", prof))]
         elif method in ("head", "backward"):
             secs = call_seconds(
                 w, unit, method if method == "head" else backward_method(w, unit, "keep"), prof
             )
-            stages += [Stage("h2d", p_bytes), Stage("gpu", secs), Stage("d2h", g_bytes)]
-        # build_planned_step's compute calls: the copies are separate ops on the copy streams.
+            stages += [Stage("h2d", p_bytes), Stage("gpu", secs)]
+        # ... on CUDA (see current_step): the call copies its params in; compute follows on the stream.
+        elif method == "load":
+            stages.append(Stage("h2d", p_bytes))
+        elif method == "emit_grad":
+            stages.append(Stage("d2h", op.nbytes))
+        # compute only (the CUDA stream of build_step's calls, and build_planned_step's compute calls)
         elif method.startswith("compute_"):
             stages.append(Stage("gpu", call_seconds(w, unit, method.removeprefix("compute_"), prof)))
     elif op.actor in ("h2d", "d2h"):
@@ -119,8 +123,8 @@ def op_stages(op: Op, env: SimEnv, memo: dict[tuple[int, str], float] | None = N
             stages.append(Stage("ssd_read", op.nbytes))
         elif method == "write":
             stages.append(Stage("ssd_write", op.nbytes))
-        elif method == "commit":
-            stages.append(Stage("wait", prof.commit_s))
+        elif method in ("commit", "publish"):
+            stages.append(Stage("wait", prof.commit_s))  # a manifest / journal record, fsync'd
     elif op.actor.startswith("opt") and method == "update":
         stages.append(Stage("cpu", op.nbytes))
     return [s for s in stages if s.amount > 0]
@@ -328,12 +332,16 @@ def _union(spans: list[tuple[str, int, float, float, int]], lanes: tuple[str, ..
 # ---------------------------------------------------------------------------------------------- schedules
 
 
-def current_step(w: Workload, plan: Plan) -> StepSchedule:
+def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
     """The schedule the pipeline runs today (`fuyou_ray.schedule.build_step`) for this workload.
 
-    It ignores the planner's new fields: params are copied in inside the compute calls (no prefetch on the
-    device), every unit keeps its input and recomputes in backward, all state lives on SSD, and with
-    clipping the gradients are logged to SSD and the optimizer runs after the last backward.
+    It ignores the planner's new fields: every unit keeps its input and recomputes in backward, all state
+    lives on SSD, and with clipping the gradients are logged to SSD and the optimizer runs after the last
+    backward. How the GPU actor executes its calls (actors/gpu_compute.py) is modelled too: on CUDA a
+    forward / backward / head call returns once its params are copied in and leaves the compute queued
+    on the device's stream, so the next call's copy overlaps it; `emit_grad` first waits for every compute
+    queued so far, then copies the gradient out (as do `step_summary` and `clip_coefficient`, which read
+    device values). On the CPU fallback every call is synchronous.
     """
     from fuyou_ray.ring import make_spec
 
@@ -349,7 +357,33 @@ def current_step(w: Workload, plan: Plan) -> StepSchedule:
         pool_size=plan.optimizer_actors,
         commit_meta={},
     )
-    return build_step(w.spec, ring, inputs)
+    sched = build_step(w.spec, ring, inputs)
+    return _device_streams(sched, w) if device == "cuda" else sched
+
+
+def _device_streams(sched: StepSchedule, w: Workload) -> StepSchedule:
+    """build_step's ops with each GPU compute call split into the call itself (`gpu.load`: the params'
+    copy, which the host waits for) and its compute (`cuda.compute_*`, in order on the device's stream)."""
+    out = StepSchedule()
+    new: dict[int, int] = {}
+    queued: list[int] = []  # the last compute queued on the device
+    for op in sched.ops:
+        args = tuple(Ref(new[a.op]) if isinstance(a, Ref) else a for a in op.args)
+        after = [new[i] for i in op.after]
+        info = {"phase": op.phase, "unit": op.unit, "nbytes": op.nbytes}
+        if op.actor == "gpu" and op.method in ("forward", "backward", "head"):
+            load = out.add("gpu", "load", *args, after=after, **info)
+            method = op.method if op.method != "backward" else backward_method(w, op.unit, "keep")
+            queued = [
+                out.add("cuda", f"compute_{method}", op.unit, after=[load], phase=op.phase, unit=op.unit)
+            ]
+            new[op.id] = load
+        elif op.actor == "gpu" and op.method in ("emit_grad", "step_summary", "clip_coefficient"):
+            new[op.id] = out.add(op.actor, op.method, *args, after=[*after, *queued], **info)
+        else:
+            new[op.id] = out.add(op.actor, op.method, *args, after=after, **info)
+    out.summary, out.commit = new[sched.summary], new[sched.commit]
+    return out
 
 
 class _SlotRing:
@@ -592,7 +626,7 @@ class Prediction:
 
 def predict(w: Workload, plan: Plan, profile: HardwareProfile, *, schedule: str = "planned") -> Prediction:
     """Simulate one step of `plan` on `profile`: 'planned' (the plan's features) or 'current' (build_step)."""
-    sched = build_planned_step(w, plan) if schedule == "planned" else current_step(w, plan)
+    sched = build_planned_step(w, plan) if schedule == "planned" else current_step(w, plan, plan.device)
     env = SimEnv(profile, w, plan, plan.ssd_queue_depth)
     sim = simulate(sched, env)
     account = (

@@ -12,7 +12,7 @@ import pytest
 from fuyou_ray.config import RunConfig, parse_size
 from fuyou_ray.errors import BudgetError
 from fuyou_ray.models import ModelSpec
-from fuyou_ray.plan import PlannerOptions, auto_plan, largest_batch, make_plan, minimal_needs
+from fuyou_ray.plan import TIE_RESOLUTION, PlannerOptions, auto_plan, largest_batch, make_plan, minimal_needs
 from fuyou_ray.profile import HardwareProfile
 from tests.conftest import REPO, tiny_config
 from tests.test_cli import run_cli
@@ -72,7 +72,7 @@ def test_more_cpu_memory_caches_state_and_never_predicts_slower(tmp_path: Path, 
         assert result.cpu.total <= cfg.budgets.cpu_mem
         steps.append(result.prediction.step_s)
         cached.append(len(result.plan.cpu_cached_state) + len(result.plan.cpu_cached_params))
-    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(steps)), steps
+    assert all(b <= a * (1 + TIE_RESOLUTION) for a, b in itertools.pairwise(steps)), steps
     assert cached[0] < cached[-1] and cached == sorted(cached), cached
     assert steps[-1] < 0.5 * steps[0]  # enough memory takes the SSD out of the step
     big = auto_plan(with_budget(config(tmp_path), cpu_mem="1GiB"), spec, prof)
@@ -85,7 +85,7 @@ def test_more_ssds_never_predict_slower(tmp_path: Path, spec: ModelSpec) -> None
     cfg = with_budget(config(tmp_path), cpu_mem=str(floor))
     steps = [auto_plan(cfg, spec, prof.with_ssd_devices(n)).prediction for n in (1, 2, 4, 8)]
     times = [p.step_s for p in steps]
-    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(times)), times
+    assert all(b <= a * (1 + TIE_RESOLUTION) for a, b in itertools.pairwise(times)), times
     assert steps[0].bottleneck == "ssd"
 
 
@@ -99,7 +99,7 @@ def test_more_gpu_memory_never_predicts_slower(tmp_path: Path, spec: ModelSpec) 
             budgets=dataclasses.replace(config(tmp_path).budgets, gpu_mem=int(need * factor)),
         )
         times.append(auto_plan(cfg, spec, prof).prediction.step_s)
-    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(times)), times
+    assert all(b <= a * (1 + TIE_RESOLUTION) for a, b in itertools.pairwise(times)), times
 
 
 def test_a_bigger_batch_never_fits_when_a_smaller_one_does_not(tmp_path: Path, spec: ModelSpec) -> None:

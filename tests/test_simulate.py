@@ -183,6 +183,26 @@ def test_current_schedule_bound_by_the_ssd_runs_at_the_ssd_rate(tmp_path: Path, 
     assert read == pred.account.ssd_read_bytes
 
 
+def test_current_schedule_on_cuda_overlaps_the_next_copy_with_queued_compute(tmp_path: Path) -> None:
+    """On CUDA the GPU actor's calls return once their params are on the device and leave the compute
+    queued, so the next unit's copy runs meanwhile; on the CPU fallback each call is synchronous."""
+    cfg = small_config(tmp_path)
+    env = env_for(make_profile(tflops=2e-3), cfg)
+    pred = predict(env.workload, env.plan, env.profile, schedule="current")
+    prof = make_profile(tflops=2e-3, h2d=pred.account.h2d_bytes / pred.work.gpu / 1e9)
+    cuda = predict(env.workload, env.plan, prof, schedule="current")
+    cpu = predict(env.workload, dataclasses.replace(env.plan, device="cpu"), prof, schedule="current")
+    assert cpu.step_s == pytest.approx(2 * pred.work.gpu, rel=0.05)  # copy, compute, copy, compute ...
+    # Only the forward overlaps: in backward, emit_grad(u+1) waits for backward(u)'s queued compute before
+    # the host issues backward(u-1) and its copy.
+    assert cuda.step_s < 0.9 * cpu.step_s
+    # emit_grad waits for the compute queued before it: no gradient leaves before its unit's backward.
+    spans = cuda.sim.spans
+    first_d2h = min(s.start for s in spans if s.lane == "d2h")
+    head = next(s for s in spans if s.lane == "gpu compute" and s.label.startswith("compute_head"))
+    assert first_d2h >= head.end - 1e-12
+
+
 def test_prefetch_overlaps_copies_with_compute(tmp_path: Path) -> None:
     cfg = small_config(tmp_path)
     env = env_for(make_profile(tflops=2e-3), cfg)
