@@ -12,6 +12,7 @@ from torch.func import functional_call
 from fuyou_ray.config import ModelConfig
 from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.models import ModelSpec, lm_loss
+from fuyou_ray.models.gpt import IGNORE_INDEX
 from fuyou_ray.optim import clip_coefficient, parameter_norms, total_grad_norm
 from fuyou_ray.ring import DTYPES, RingMapping, RingSpec, SlotHandle
 from fuyou_ray.timeline import Span, Timeline
@@ -162,6 +163,21 @@ class GPUComputeActor:
             self._keep_grad(unit, grad_acc)
         self.inputs[unit] = []
         return unit
+
+    def eval_head(self, unit: int, params: SlotHandle, *after: object) -> tuple[float, int]:
+        """Last unit without backward: (summed next-token loss, number of scored targets) of the batch."""
+        flat = self._load(params, requires_grad=False)
+        named = self.spec.units[unit].layout.unflatten(flat)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        with torch.no_grad(), self.lanes.on("gpu compute", f"eval {unit}"):
+            for x, y in zip(self.inputs[unit], self.targets, strict=True):
+                logits = functional_call(self.units[unit], named, (x,))
+                scored = int((y != IGNORE_INDEX).sum())
+                total += lm_loss(logits, y).double() * scored
+                count += scored
+        self.inputs[unit] = []
+        return float(total), count
 
     def backward(self, unit: int, params: SlotHandle, *after: object) -> int:
         """Recompute unit `unit` from its kept input and backpropagate; the gradient stays on the device."""

@@ -25,7 +25,7 @@ from fuyou_ray.observer import build_observer
 from fuyou_ray.optim import AdamWStep, learning_rate
 from fuyou_ray.plan import Plan, check_ssd_space, make_plan
 from fuyou_ray.ring import Ring, make_spec, remove_stale_segments
-from fuyou_ray.schedule import StepInputs, build_step
+from fuyou_ray.schedule import StepInputs, build_eval, build_step
 from fuyou_ray.store import check_ssd_path
 from fuyou_ray.timeline import LANES, Span, busy_seconds
 
@@ -44,6 +44,7 @@ class StepRecord:
     tokens_per_s: float
     tflops: float
     busy: dict[str, float] = field(default_factory=dict)  # seconds each lane was busy during the step
+    eval_loss: float | None = None  # held-out loss after this step (every data.eval_every steps)
 
 
 @dataclass
@@ -90,6 +91,8 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
         with observer, open(run_dir / "metrics.jsonl", "a") as metrics:
             for step in range(start, last):
                 record, spans = run_step(ex, cfg, plan, spec, data, step)
+                if eval_due(cfg, record.step):
+                    record.eval_loss = run_eval(ex, cfg, plan, spec, data)
                 write_timeline(run_dir / "timeline.json", record.step, spans)
                 result.steps.append(record)
                 result.final_step = record.step
@@ -195,6 +198,25 @@ def run_step(
             lane: round(busy_seconds(spans, lane), 6) for lane in LANES if any(s.lane == lane for s in spans)
         },
     ), spans
+
+
+def eval_due(cfg: RunConfig, step: int) -> bool:
+    every = cfg.data.eval_every
+    return every > 0 and (step % every == 0 or step == cfg.steps)
+
+
+def run_eval(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, data: TokenDataset) -> float:
+    """Held-out loss of the committed weights: the fixed eval batches, streamed like training."""
+    total, scored = 0.0, 0
+    for batch in data.eval_batches(cfg.data.eval_batches, cfg.batch.global_batch, cfg.batch.seq_len):
+        sched = build_eval(
+            spec, ex.ring_spec, batch.inputs, batch.targets, cfg.batch.micro_batch, plan.param_dtype
+        )
+        loss_sum, count = ex.get(ex.run(sched)[sched.summary])
+        total, scored = total + loss_sum, scored + count
+    for role in ex.roles:  # evaluation is not part of the next step's timeline
+        ex.get(ex.call(role, "drain_timeline"))
+    return total / max(scored, 1)
 
 
 def write_timeline(path: Path, step: int, spans: list[Span]) -> None:

@@ -268,3 +268,34 @@ def _write_new_params(
 
 def _itemsize(dtype: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def build_eval(
+    spec: ModelSpec, ring: RingSpec, inputs: Any, targets: Any, micro_batch: int, param_dtype: str
+) -> StepSchedule:
+    """A forward-only pass over one held-out batch; op `summary` returns (loss sum, scored targets).
+
+    Reads the committed params, so it runs between steps; it changes nothing on SSD.
+    """
+    sched = StepSchedule()
+    slots = _Slots(ring)
+    last = spec.num_units - 1
+    start = sched.add("gpu", "start_step", inputs, targets, micro_batch, phase="eval")
+    for u in range(spec.num_units):
+        slot, fence = slots.take()
+        nbytes = spec.units[u].numel * _itemsize(param_dtype)
+        r = sched.add(
+            "ssd",
+            "read",
+            record_name(u, RecordKind.PARAM),
+            slot,
+            after=fence,
+            phase="eval",
+            unit=u,
+            nbytes=nbytes,
+        )
+        method = "eval_head" if u == last else "forward"
+        f = sched.add("gpu", method, u, Ref(r), after=[start], phase="eval", unit=u)
+        slots.consumed_by(slot, [f])
+    sched.summary = len(sched.ops) - 1
+    return sched
