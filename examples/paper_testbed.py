@@ -30,7 +30,7 @@ from fuyou_ray.costmodel import chunk_working_sets, gpu_memory
 from fuyou_ray.errors import BudgetError
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.plan import PlannerOptions, PlanResult, auto_plan, base_plan, workload_of
-from fuyou_ray.profile import HardwareProfile, load_profile
+from fuyou_ray.profile import AdamRate, HardwareProfile, load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = REPO / "configs" / "profiles" / "rtx4090-fuyou-testbed.yaml"
@@ -122,8 +122,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default=str(PROFILE))
     parser.add_argument("--quick", action="store_true", help="only the Fuyou-placement tables")
+    parser.add_argument(
+        "--adam-gparams", type=float, default=0.0, help="replace the profile's AdamW rate (sensitivity)"
+    )
+    parser.add_argument(
+        "--params-on-ssd", action="store_true", help="Fuyou's placement with the fp16 params on SSD too"
+    )
     args = parser.parse_args()
     profile = load_profile(args.profile)
+    if args.adam_gparams > 0:
+        adam = (AdamRate(1, args.adam_gparams),)  # flat: the pool's total whatever its threads
+        profile = dataclasses.replace(profile, cpu=dataclasses.replace(profile.cpu, adam=adam))
+        print(f"sensitivity: AdamW at {args.adam_gparams} Gparam/s")
+    if args.params_on_ssd:
+        global FUYOU
+        FUYOU = dataclasses.replace(FUYOU, cache=())
+        print("sensitivity: params on SSD too")
     t0 = time.perf_counter()
     for name in MODELS:
         SPECS[name] = ModelSpec(gpt3(name, 8).model)

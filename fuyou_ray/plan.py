@@ -583,17 +583,29 @@ def auto_plan(
     stage1.sort(key=rank)
     stage2 = [refine(replace(c, slots=n)) for c in stage1[:3] for n in slots_fit]
     best = min([*stage1, *stage2], key=rank)
-    for seed in seeds:
-        c = _Choice(seed.micro_batch, seed.prefetch_depth, seed.overlap, _count_swapped(seed), seed.num_slots)
-        if c.micro_batch in workloads and c.overlap in overlaps:
-            best = min([best, c], key=rank)
     got = results[best]
     assert got is not None
-    return replace(got[1], evaluated=len([r for r in results.values() if r is not None]))
-
-
-def _count_swapped(plan: Plan) -> int:
-    return sum(1 for p in plan.activation_policy if p in ("swap_cpu", "swap_ssd"))
+    chosen = replace(got[1], evaluated=len([r for r in results.values() if r is not None]))
+    # Plans chosen for smaller budgets (a what-if sweep passes them), exactly as they were: they still fit,
+    # so the step predicted here is never slower than theirs.
+    for seed in seeds:
+        w = workloads.get(seed.micro_batch)
+        if w is None or seed.overlap not in overlaps:
+            continue
+        gpu, cpu = gpu_memory(w, seed), cpu_memory(w, seed)
+        if gpu.total > cfg.budgets.gpu_mem or cpu.total > cfg.budgets.cpu_mem:
+            continue
+        pred = predict(w, seed, profile)
+        if pred.step_s < chosen.prediction.step_s:
+            plan = replace(
+                seed,
+                predicted_step_s=pred.step_s,
+                predicted_tflops=pred.tflops,
+                predicted_bottleneck=pred.bottleneck,
+                profile_name=profile.name,
+            )
+            chosen = PlanResult(plan, w, pred, gpu, cpu, chosen.evaluated + 1)
+    return chosen
 
 
 def _minimal(base: Plan, w: Workload, policy: str) -> Plan:

@@ -185,7 +185,8 @@ def _block_rate(
     block_cls: type, cfg_cls: type, h: int, tokens: int, seq: int, device: str, dtype: torch.dtype
 ) -> float:
     cfg = cfg_cls(n_layer=1, n_head=max(1, h // 128), d_model=h, max_seq_len=seq)
-    block = block_cls(cfg).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialise on the device: a 12288-wide block is 1.8 B params
+        block = block_cls(cfg).to(dtype=dtype)
     x = torch.randn(tokens // seq, seq, h, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
 
