@@ -144,7 +144,8 @@ def main() -> int:
     print(f"profile: {profile.name} ({args.profile})")
     print(f"budgets: gpu_mem {GPU_MEM}, cpu_mem {CPU_MEM}; sequence length 1024; no gradient clipping\n")
 
-    print("GPT-3 13B and 175B on one RTX 4090, 12 SSDs, Fuyou's placement (params in RAM, state on SSD)\n")
+    where = "params and state on SSD" if args.params_on_ssd else "params in RAM, state on SSD"
+    print(f"GPT-3 13B and 175B on one RTX 4090, 12 SSDs, Fuyou's placement ({where})\n")
     print(HEADER)
     for batch, pub in PUB_13B.items():
         print(row(f"13B batch {batch}", plan("13B", batch, profile, FUYOU), pub), flush=True)

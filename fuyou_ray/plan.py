@@ -578,10 +578,17 @@ def auto_plan(
                 rings = [n for n in slots_fit if feasible(m, depth, overlap, n)]
                 for ring in sorted({rings[0], rings[-1]} if rings else set()):
                     stage1.append(coarse(_Choice(m, depth, overlap, 0, ring)))
-    # Stage 2: the best three settings with every ring size (the ring competes with caches for host
+    # Stage 2: the best four settings with every ring size (the ring competes with caches for host
     # memory), each refined.
     stage1.sort(key=rank)
-    stage2 = [refine(replace(c, slots=n)) for c in stage1[:3] for n in slots_fit]
+    settings: list[_Choice] = []
+    for c in stage1:
+        if all(
+            (c.micro_batch, c.prefetch_depth, c.overlap) != (o.micro_batch, o.prefetch_depth, o.overlap)
+            for o in settings
+        ):
+            settings.append(c)
+    stage2 = [refine(replace(c, slots=n)) for c in settings[:4] for n in slots_fit]
     best = min([*stage1, *stage2], key=rank)
     got = results[best]
     assert got is not None
