@@ -59,7 +59,7 @@ class Plan:
     exact_clipping      max_grad_norm > 0: every gradient is needed before the first update
     device_bytes_needed peak bytes on the compute device (the cost model's estimate)
     ring_bytes          num_slots * slot_bytes
-    ssd_bytes_needed    SSD space: the state, its next version while a step is in flight, the gradient log
+    ssd_bytes_needed    SSD space: state, old params until the commit, units in flight, gradient log
 
     micro_batch         sequences per chunk inside a layer (the whole batch passes through a layer before
                         the next; chunks only bound the device's working memory). 0 = batch.micro_batch
@@ -198,6 +198,25 @@ def estimate_device_bytes(cfg: RunConfig, spec: ModelSpec, dtype_bytes: int) -> 
     return int(boundary + grad_flow + weights + max(block_work, head_work))
 
 
+# Units whose new version may exist beside the old one before the store publishes them (the SSD actor
+# runs up to 4 writes at once, and the optimizer works a few units ahead of publication).
+UNITS_IN_FLIGHT = 4
+
+
+def ssd_bytes_needed(spec: ModelSpec, param_bytes: int, clipping: bool) -> int:
+    """SSD space of a run (see fuyou_ray/store.py): the state (params + fp32 master + Adam m, v); the old
+    params, kept until the step commits because a replay of the step reads them; the new versions of the
+    units in flight; and, with exact clipping, the step's fp32 gradient log."""
+    state = sum(align_up(u.numel * param_bytes) + 3 * align_up(u.numel * 4) for u in spec.units)
+    params = sum(align_up(u.numel * param_bytes) for u in spec.units)
+    largest = sorted(
+        (align_up(u.numel * param_bytes) + 3 * align_up(u.numel * 4) for u in spec.units), reverse=True
+    )
+    in_flight = sum(largest[:UNITS_IN_FLIGHT])
+    grad_log = sum(align_up(u.numel * 4) for u in spec.units) if clipping else 0
+    return state + params + in_flight + grad_log
+
+
 def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> Plan:
     device = resolve_device(cfg.runtime.device)
     param_dtype = "bfloat16" if device == "cuda" else "float32"
@@ -229,10 +248,7 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
     actors = cfg.runtime.optimizer_actors or (1 if cpus < 8 else min(4, cpus // 4))
     threads = cfg.runtime.optimizer_threads or max(1, (cpus - 2) // actors)
 
-    # Copy-on-write versions: a step stages a new copy of every record before it commits.
-    state_bytes = sum(align_up(u.numel * dtype_bytes) + 3 * align_up(u.numel * 4) for u in spec.units)
-    grad_log = sum(align_up(u.numel * 4) for u in spec.units) if cfg.optimizer.max_grad_norm > 0 else 0
-    ssd_needed = 2 * state_bytes + grad_log
+    ssd_needed = ssd_bytes_needed(spec, dtype_bytes, cfg.optimizer.max_grad_norm > 0)
     return Plan(
         device=device,
         param_dtype=param_dtype,
@@ -327,8 +343,6 @@ def base_plan(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> Plan
     depths = sorted({r.queue_depth for r in profile.ssd.rates})
     # The queue depth with the best read + write bandwidth (the smallest such: fewer threads).
     qd = max(depths, key=lambda d: (profile.ssd.read_bps(d) + profile.ssd.write_bps(d), -d))
-    state_bytes = sum(align_up(u.numel * pb) + 3 * align_up(u.numel * 4) for u in spec.units)
-    grad_log = sum(align_up(u.numel * 4) for u in spec.units) if cfg.optimizer.max_grad_norm > 0 else 0
     return Plan(
         device=device,
         param_dtype=param_dtype,
@@ -339,7 +353,7 @@ def base_plan(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> Plan
         exact_clipping=cfg.optimizer.max_grad_norm > 0,
         device_bytes_needed=0,
         ring_bytes=MIN_SLOTS * slot_bytes,
-        ssd_bytes_needed=2 * state_bytes + grad_log,
+        ssd_bytes_needed=ssd_bytes_needed(spec, pb, cfg.optimizer.max_grad_norm > 0),
         micro_batch=cfg.batch.micro_batch,
         ssd_queue_depth=qd,
         profile_name=profile.name,
