@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -495,10 +495,12 @@ def auto_plan(
 ) -> PlanResult:
     """Choose the plan with the shortest predicted step on `profile` within the config's budgets.
 
-    Coordinate search: the swapped-block count on a grid then refined (the step time is close to convex
-    in it - Fuyou's observation), for the largest chunk and deepest prefetch that fit; then the other
-    overlaps, depths, chunks and ring sizes around it. `seeds` (plans chosen for smaller budgets, as a
-    what-if sweep passes them) are evaluated too, so more memory never predicts a slower step.
+    Stage 1: every feasible (chunk, prefetch depth, optimizer overlap) - chunks the largest that fits and
+    about halvings of it - on the smallest and largest ring that fit, with the swapped-block count on a
+    coarse grid (the step time is close to convex in it: Fuyou's observation). Stage 2: the four best
+    settings with every ring size, the swapped count refined. Each candidate's budgets are filled by
+    `_allocate` and its step simulated. `seeds` (plans chosen for smaller budgets, as a what-if sweep
+    passes them) are evaluated as they are, so a sweep never predicts a slower step for more memory.
     Raises BudgetError naming the smallest budget that would fit when nothing does.
     """
     from fuyou_ray.simulate import predict
@@ -657,7 +659,7 @@ def minimal_needs(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> 
 
 def _refuse(
     cfg: RunConfig, spec: ModelSpec, base: Plan, workloads: dict[int, Workload], chunks: list[int]
-) -> None:
+) -> NoReturn:
     w = workloads[chunks[-1]]
     gpu = gpu_memory(w, _minimal(base, w, "recompute"))
     if gpu.total > cfg.budgets.gpu_mem:
@@ -672,7 +674,7 @@ def _refuse(
     _refuse_cpu(cfg, spec, base, w)
 
 
-def _refuse_cpu(cfg: RunConfig, spec: ModelSpec, base: Plan, w: Workload | None = None) -> None:
+def _refuse_cpu(cfg: RunConfig, spec: ModelSpec, base: Plan, w: Workload | None = None) -> NoReturn:
     w = w or workload_of(cfg, spec, base.device, 1)
     cpu = min((cpu_memory(w, _minimal(base, w, p)) for p in ("recompute", "swap_ssd")), key=lambda m: m.total)
     parts = ", ".join(f"{k} {format_size(v)}" for k, v in cpu.parts.items() if v)
