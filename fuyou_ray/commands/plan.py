@@ -14,7 +14,7 @@ from fuyou_ray.commands.common import add_config_args
 EPILOG = """examples:
   fuyou-ray probe --out profile.yaml                      # measure this machine once
   fuyou-ray plan configs/demo.yaml --profile profile.yaml
-  fuyou-ray plan configs/gpt3-13b.yaml --profile configs/profiles/rtx4090-fuyou-testbed.yaml
+  fuyou-ray plan configs/bench/gpt3-13b-width.yaml --profile configs/profiles/h100-box-recorded.yaml
   fuyou-ray plan CONFIG --profile P --what-if ssd_count=1,2,3,6,12
   fuyou-ray plan CONFIG --profile P --what-if cpu_mem=16GiB,64GiB,256GiB
   fuyou-ray plan CONFIG --profile P --what-if batch=8,16,32,64
