@@ -708,20 +708,25 @@ def largest_batch(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile, lim
 
 
 def largest_layers(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> int | None:
-    """The most blocks of this width whose state fits the profile's SSD capacity (None: capacity unknown).
+    """The most blocks of this width whose SSD space (`ssd_bytes_needed`) fits the profile's SSD capacity
+    (None: capacity unknown).
 
     Device memory does not grow with depth, and host memory need not (activations can go to SSD), so at a
-    given width the SSD decides: each block needs its state twice (the committed and the next version)
-    plus its gradient log.
+    given width the SSD decides: each block needs its state, its old params until the commit and, with
+    clipping, its gradient log; the units in flight add a few blocks' state once.
     """
     cap = profile.ssd.capacity_bytes
     if cap <= 0:
         return None
-    base = base_plan(cfg, spec, profile)
-    pb = 2 if base.device == "cuda" else 4
-    per = [align_up(u.numel * pb) * 2 + 6 * align_up(u.numel * 4) for u in spec.units]
-    if cfg.optimizer.max_grad_norm > 0:
-        per = [p + align_up(u.numel * 4) for p, u in zip(per, spec.units, strict=True)]
-    fixed = per[0] + per[-1]
-    block = per[1] if len(per) > 2 else 0
-    return max(0, int((cap / 1.01 - fixed) // block)) if block else None
+    pb = 2 if profile.gpu.device == "cuda" else 4
+    clipping = cfg.optimizer.max_grad_norm > 0
+
+    def per_unit(numel: int) -> int:
+        return 2 * align_up(numel * pb) + 3 * align_up(numel * 4) + (align_up(numel * 4) if clipping else 0)
+
+    if spec.num_units <= 2:
+        return None
+    block = per_unit(spec.units[1].numel)
+    largest = max(align_up(u.numel * pb) + 3 * align_up(u.numel * 4) for u in spec.units)
+    fixed = per_unit(spec.units[0].numel) + per_unit(spec.units[-1].numel) + UNITS_IN_FLIGHT * largest
+    return max(0, int((cap / 1.01 - fixed) // block))

@@ -126,6 +126,23 @@ def test_a_bigger_batch_never_fits_when_a_smaller_one_does_not(tmp_path: Path, s
     assert fits == sorted(fits, reverse=True) and not fits[-1]
 
 
+def test_largest_model_is_the_depth_whose_ssd_space_fits(tmp_path: Path, spec: ModelSpec) -> None:
+    from fuyou_ray.plan import largest_layers, ssd_bytes_needed
+
+    cfg = config(tmp_path, clip=1.0)
+    need = ssd_bytes_needed(spec, 2, clipping=True)  # the 8-layer model's space, bf16 params
+    prof = dataclasses.replace(
+        io_bound_profile(), ssd=dataclasses.replace(io_bound_profile().ssd, capacity_bytes=0)
+    )
+    assert largest_layers(cfg, spec, prof) is None  # capacity unknown
+    block = ssd_bytes_needed(ModelSpec(dataclasses.replace(cfg.model, n_layer=9)), 2, clipping=True) - need
+    for space, layers in ((need, 8), (need - 1, 7), (need - block, 7), (need + block, 9)):
+        prof = dataclasses.replace(
+            prof, ssd=dataclasses.replace(prof.ssd, capacity_bytes=int(space * 1.01) + 1)
+        )
+        assert largest_layers(cfg, spec, prof) == layers, (space, layers)
+
+
 def test_big_gpu_keeps_activations_small_gpu_recomputes_from_host(tmp_path: Path, spec: ModelSpec) -> None:
     prof = make_profile(tflops=0.05, h2d=0.5, d2h=0.5, read=1.0, write=1.0, adam=((4, 1.0),))
     cfg = config(tmp_path, batch=16)
