@@ -116,7 +116,8 @@ class GPUComputeActor:
         self.targets: list[torch.Tensor] = []
         self.accum = 1
         self.loss = torch.zeros(())
-        self.grads: dict[int, torch.Tensor] = {}  # fp32 gradients computed but not yet emitted
+        # fp32 gradients computed but not yet emitted, with the event that marks them complete on CUDA
+        self.grads: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self.norms: dict[int, list[torch.Tensor]] = {}
         self.log.info("compute on %s in %s, %d units", self.device, compute_dtype, len(self.units))
 
@@ -157,7 +158,7 @@ class GPUComputeActor:
                 x = x.detach().requires_grad_(True)
                 loss = lm_loss(functional_call(self.units[unit], named, (x,)), y) / self.accum
                 g_flat, g_x = torch.autograd.grad(loss, [flat, x])
-                grad_acc += g_flat.float()
+                grad_acc.add_(g_flat)  # in place: no fp32 temporary of the whole unit
                 self.grad_out.append(g_x)
                 self.loss += loss.detach()
             self._keep_grad(unit, grad_acc)
@@ -193,7 +194,7 @@ class GPUComputeActor:
                 out = functional_call(self.units[unit], named, (x,))
                 wrt = [flat, x] if differentiable else [flat]
                 grads = torch.autograd.grad(out, wrt, grad_outputs=g_out)
-                grad_acc += grads[0].float()
+                grad_acc.add_(grads[0])  # in place: no fp32 temporary of the whole unit
                 if differentiable:
                     grad_in.append(grads[1])
             self._keep_grad(unit, grad_acc)
@@ -203,12 +204,14 @@ class GPUComputeActor:
 
     def emit_grad(self, unit: int, slot: SlotHandle, *after: object) -> SlotHandle:
         """Copy unit `unit`'s fp32 gradient into `slot` (D2H); returns when the slot holds it."""
-        grad = self.grads.pop(unit)
+        grad, ready = self.grads.pop(unit)
         handle = slot.carrying(slot.tensor, "float32", grad.numel(), slot.version)
         dest = self.ring.tensor(handle)
         with self.lanes.on("d2h", slot.tensor, handle.nbytes) as stream:
-            if stream is not None:
-                stream.wait_stream(self.lanes.compute)  # type: ignore[arg-type]
+            if stream is not None and ready is not None:
+                # Wait for this unit's backward only, not for the next unit's, which the schedule has
+                # already enqueued: the copy-out then overlaps that compute.
+                stream.wait_event(ready)
                 grad.record_stream(stream)
             dest.copy_(grad, non_blocking=True)
         if stream is not None:
@@ -230,7 +233,11 @@ class GPUComputeActor:
     def _keep_grad(self, unit: int, grad: torch.Tensor) -> None:
         named = self.spec.units[unit].layout.unflatten(grad)
         self.norms[unit] = parameter_norms([named[n] for n in self.param_order[unit]])
-        self.grads[unit] = grad
+        ready = None
+        if self.lanes.compute is not None:
+            ready = torch.cuda.Event()
+            ready.record(self.lanes.compute)
+        self.grads[unit] = (grad, ready)
 
     def _load(self, params: SlotHandle, requires_grad: bool) -> torch.Tensor:
         """Copy a unit's params from a ring slot to the device; returns once the slot may be reused."""
