@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
+from fuyou_ray.checkpoint import prune as prune_checkpoints
+from fuyou_ray.checkpoint import take as take_checkpoint
 from fuyou_ray.config import ModelConfig, SSDConfig, format_size
 from fuyou_ray.errors import NonFiniteStepError, RunStateError
 from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
@@ -47,6 +51,9 @@ class SSDIOActor:
         )
         self.ring = RingMapping(ring)
         self.timeline = Timeline()
+        self._inflight = 0
+        self._closing = False
+        self._idle = threading.Condition()
         pending = self.store.pending
         self.log.info(
             "store at %s, committed step %d%s",
@@ -59,15 +66,16 @@ class SSDIOActor:
 
     def read(self, name: str, slot: SlotHandle, *after: object) -> SlotHandle:
         """Fill `slot` with the readable version of record `name`; returns the slot, now carrying it."""
-        rec = self.store.record(name)
-        handle = slot.carrying(name, rec.dtype, rec.numel, rec.version)
-        with self.timeline.span("ssd read", name, rec.padded_nbytes):
-            self.store.read_into(name, self.ring.memoryview(handle))
+        with self._io():
+            rec = self.store.record(name)
+            handle = slot.carrying(name, rec.dtype, rec.numel, rec.version)
+            with self.timeline.span("ssd read", name, rec.padded_nbytes):
+                self.store.read_into(name, self.ring.memoryview(handle))
         return handle
 
     def write(self, slot: SlotHandle, version: int, transient: bool, *after: object) -> int:
         """Stage the slot's payload as version `version` of its record. Returns bytes written."""
-        with self.timeline.span("ssd write", slot.tensor, slot.nbytes):
+        with self._io(), self.timeline.span("ssd write", slot.tensor, slot.nbytes):
             rec = self.store.write_from(
                 slot.tensor,
                 self.ring.memoryview(slot),
@@ -85,9 +93,10 @@ class SSDIOActor:
         commit, because a replay of this step (after a crash) runs forward and backward on them again.
         """
         names = [record_name(unit, kind) for kind in (RecordKind.PARAM, *OPTIMIZER_STATE)]
-        self.store.publish(
-            version, names, {"step_key": step_key}, keep_previous=[record_name(unit, RecordKind.PARAM)]
-        )
+        with self._io():
+            self.store.publish(
+                version, names, {"step_key": step_key}, keep_previous=[record_name(unit, RecordKind.PARAM)]
+            )
         return unit
 
     def commit(self, step: int, meta: Mapping[str, Any], summary: Mapping[str, float], *after: object) -> int:
@@ -106,7 +115,7 @@ class SSDIOActor:
                 f"nothing was committed (the run stays at step {self.store.committed_step}). "
                 "Lower optimizer.lr or check the data."
             )
-        with self.timeline.span("ssd write", f"commit {step}"):
+        with self._io(), self.timeline.span("ssd write", f"commit {step}"):
             self.store.commit(step, {**meta, **summary})
         return step
 
@@ -148,6 +157,14 @@ class SSDIOActor:
                 f"to ssd.paths, then re-run to resume from step {self.store.committed_step}"
             )
         return free
+
+    def checkpoint(self, meta: Mapping[str, Any], keep: int) -> str:
+        """Checkpoint the committed step (hard links: no copy), then keep the newest `keep`."""
+        with self._io():
+            info = take_checkpoint(self.store, meta)
+            prune_checkpoints([d.parent for d in self.store.dirs], keep)
+        self.log.info("checkpoint %s (%s of records)", info.name, format_size(info.nbytes))
+        return info.name
 
     def pid(self) -> int:
         return os.getpid()
@@ -213,6 +230,27 @@ class SSDIOActor:
         self.store.warm_up()
         self.memory.reset()
 
+    @contextlib.contextmanager
+    def _io(self) -> Iterator[None]:
+        """Count a call that touches the store, so that shutdown can wait for the ones in flight."""
+        with self._idle:
+            if self._closing:
+                raise RunStateError("the SSD actor is shutting down")
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
     def shutdown(self) -> None:
+        """Refuse new I/O, let the calls in flight finish, delete what an unfinished step staged (it would
+        be deleted at the next start anyway: no temporary file outlives the run), release the store."""
+        with self._idle:
+            self._closing = True
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=30)
+        with contextlib.suppress(Exception):
+            self.store.discard_staged()
         self.ring.close()
         self.store.close()

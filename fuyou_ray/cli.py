@@ -1,7 +1,8 @@
 """The `fuyou-ray` command line (also `python -m fuyou_ray`). Subcommands live in fuyou_ray/commands/.
 
 Exit codes: 0 success; 2 invalid config or arguments; 3 budgets too small; 4 unusable run dir or store
-(wrong model, corruption, SSD path problems); 5 a step produced NaN/inf (nothing committed); 1 anything else.
+(wrong model, corruption, SSD path problems); 5 a step produced NaN/inf (nothing committed); 6 actors kept
+failing (restart limit, or a restart failed); 1 anything else.
 Errors print as one line naming the problem and the fix.
 """
 
@@ -16,7 +17,14 @@ from collections.abc import Callable, Sequence
 from fuyou_ray.commands import COMMANDS
 from fuyou_ray.config import ConfigError
 from fuyou_ray.data import DataError
-from fuyou_ray.errors import BudgetError, NonFiniteStepError, RunStateError
+from fuyou_ray.errors import (
+    ActorFailureError,
+    BudgetError,
+    NonFiniteStepError,
+    RestartLimitError,
+    RunStateError,
+    SnapshotError,
+)
 from fuyou_ray.ring import RingError
 from fuyou_ray.store import StoreError
 
@@ -28,6 +36,9 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (RunStateError, 4),
     (StoreError, 4),
     (NonFiniteStepError, 5),
+    (SnapshotError, 4),
+    (RestartLimitError, 6),
+    (ActorFailureError, 6),
 ]
 
 

@@ -216,14 +216,34 @@ class SSDConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How the pipeline runs: device, pool size, restarts. 0 means 'derive from the machine'."""
+    """How the pipeline runs: device, pool size, supervision. 0 means 'derive from the machine'.
+
+    A dead actor is restarted and the step in progress replayed; more than `max_restarts` restarts (all
+    actors together) within `restart_window_s` stop the run. A step in which no call finishes for
+    `hang_timeout_s` counts as hung: its busy actors are restarted. `on_nonfinite` says what a NaN/inf
+    loss or gradient does: `stop` the run (exit code 5), or `skip` the step (weights unchanged; needs
+    optimizer.max_grad_norm > 0, which checks every gradient before the first update).
+    """
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
     executor: Literal["ray", "local"] = "ray"
     optimizer_actors: int = 0
     optimizer_threads: int = 0
     max_restarts: int = 3
+    restart_window_s: float = 600.0
+    hang_timeout_s: float = 600.0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     ray_num_cpus: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints of the committed state, every `every` steps (0: none during the run; `fuyou-ray
+    checkpoint` takes one of a stopped run), keeping the newest `keep`. They hard-link the store's record
+    files on the same SSDs: free when taken, then at most the size of the state each."""
+
+    every: int = 0
+    keep: int = 2
 
 
 @dataclass(frozen=True)
@@ -246,6 +266,7 @@ class RunConfig:
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
     ssd: SSDConfig = field(default_factory=SSDConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -404,6 +425,17 @@ def _validate(cfg: RunConfig) -> None:
     require(cfg.runtime.optimizer_actors >= 0, "runtime.optimizer_actors", "must be >= 0 (0 = auto)")
     require(cfg.runtime.optimizer_threads >= 0, "runtime.optimizer_threads", "must be >= 0 (0 = auto)")
     require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", "must be >= 0")
+    require(cfg.runtime.restart_window_s > 0, "runtime.restart_window_s", "must be > 0 seconds")
+    require(cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s", "must be >= 0 seconds (0 = never)")
+    require(
+        cfg.runtime.on_nonfinite == "stop" or o.max_grad_norm > 0,
+        "runtime.on_nonfinite",
+        "'skip' needs optimizer.max_grad_norm > 0: without clipping the optimizer updates each layer as "
+        "soon as its gradient exists, before a later layer's NaN could be seen, so the step cannot be "
+        "skipped whole; use 'stop' or enable clipping",
+    )
+    require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = no checkpoints during the run)")
+    require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
 
 
 def _validate_model_family(m: ModelConfig, require: Callable[[bool, str, str], None]) -> None:

@@ -7,10 +7,14 @@ changes on SSD is published by the step's commit; a run stopped at any point res
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,8 @@ from fuyou_ray.optim import AdamWStep, learning_rate
 from fuyou_ray.plan import Plan, check_ssd_space, make_plan
 from fuyou_ray.ring import Ring, make_spec, remove_stale_segments
 from fuyou_ray.schedule import StepInputs, build_eval, build_step
-from fuyou_ray.store import check_ssd_path
+from fuyou_ray.store import check_ssd_path, step_scratch_bytes
+from fuyou_ray.supervisor import Supervisor, run_guard, step_key
 from fuyou_ray.timeline import LANES, Span, busy_seconds
 
 log = logging.getLogger("fuyou")
@@ -80,29 +85,38 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
     with (
         Ring(make_spec(plan.slot_bytes, plan.num_slots)) as ring,
         build_executor(executor or cfg.runtime.executor, ActorSetup(cfg, plan, ring.spec)) as ex,
+        run_guard(on_signal=ring.close),  # after ray.init, which sets its own: SIGTERM unwinds like Ctrl-C
     ):
-        start = open_store(ex, cfg, plan, spec)
+        start = open_store(ex, cfg, plan, spec, run_dir)
         # Written only once the store has accepted this config: a refused start changes nothing.
         save_config(cfg, run_dir / "config.yaml")
+        restore_last_metrics(ex, run_dir / "metrics.jsonl", start)
         (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
         result = TrainResult(str(run_dir), plan, start, start)
         last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         observer = build_observer(cfg, plan, run_dir, start, ex)
+        supervisor = Supervisor(ex, cfg.runtime)  # restarts dead actors, replays the step in progress
         with observer, open(run_dir / "metrics.jsonl", "a") as metrics:
             for step in range(start, last):
-                record, spans = run_step(ex, cfg, plan, spec, data, step)
+                attempt = functools.partial(run_step, ex, supervisor, cfg, plan, spec, data, step)
+                record, spans = supervisor.run(step, attempt)
                 if eval_due(cfg, record.step):
-                    record.eval_loss = run_eval(ex, cfg, plan, spec, data)
+                    evaluate = functools.partial(run_eval, ex, cfg, plan, spec, data)
+                    record.eval_loss = supervisor.retry(record.step, evaluate)
                 write_timeline(run_dir / "timeline.json", record.step, spans)
                 result.steps.append(record)
                 result.final_step = record.step
                 metrics.write(json.dumps(record.__dict__) + "\n")
                 metrics.flush()
                 observer.on_step(record, spans)
-        reports = [*_memory(ex), meter.report()]
+                if cfg.checkpoint.every and record.step % cfg.checkpoint.every == 0:
+                    meta = {"data_step": record.step, "seed": cfg.seed, "data_seed": cfg.data.seed}
+                    supervisor.query(record.step, "ssd", "checkpoint", meta, cfg.checkpoint.keep)
+        final = result.final_step
+        reports = [*(supervisor.query(final, role, "memory_report") for role in ex.roles), meter.report()]
         result.memory = [r.__dict__ | {"peak_above_baseline": r.peak_above_baseline} for r in reports]
-        result.io = ex.get(ex.call("ssd", "stats"))
-        result.peak_device_bytes = ex.get(ex.call("gpu", "peak_device_bytes"))
+        result.io = supervisor.query(final, "ssd", "stats")
+        result.peak_device_bytes = supervisor.query(final, "gpu", "peak_device_bytes")
     (run_dir / "summary.json").write_text(json.dumps(_summary(result), indent=2))
     observer.on_end(result)
     return result
@@ -134,13 +148,27 @@ def connect_ray(cfg: RunConfig) -> None:
         ray.init(log_to_driver=True)
         return
     num_cpus = cfg.runtime.ray_num_cpus or max(2, os.cpu_count() or 1)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # No dashboard for a run's own cluster (a `ray start --head` cluster has its own, on 127.0.0.1 in the
+    # README's command); should one be turned on, it listens on loopback only.
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+    )
 
 
-def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec) -> int:
+def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, run_dir: Path) -> int:
     """Initialise a new store or check that an existing one is this run's; returns the committed step."""
     committed, meta = ex.get(ex.call("ssd", "committed"))
     fingerprint = model_fingerprint(cfg, plan)
+    metrics = run_dir / "metrics.jsonl"
+    if committed < 0 and metrics.is_file() and metrics.stat().st_size > 0:
+        raise RunStateError(
+            f"{metrics} records committed steps, but the store in {', '.join(cfg.ssd.paths)} is empty: was "
+            "the SSD directory removed or replaced? Restore it (or a checkpoint), or use a new run_dir"
+        )
     if committed < 0:
         check_ssd_space(cfg, plan)
         nbytes = ex.get(ex.call("ssd", "initialize", cfg.seed, plan.param_dtype, fingerprint))
@@ -158,10 +186,29 @@ def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec) -> int
     return int(committed)
 
 
+def restore_last_metrics(ex: Executor, path: Path, committed: int) -> None:
+    """A run killed between a commit and the metrics line of that step resumes after the step: write the
+    missing line from what the commit recorded, so metrics.jsonl has one line per committed step."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1])["step"] if lines else 0
+    if committed != last + 1 or committed == 0:
+        return
+    _, meta = ex.get(ex.call("ssd", "committed"))
+    with open(path, "a") as f:
+        f.write(json.dumps(_recorded_step(committed - 1, meta).__dict__) + "\n")
+
+
 def run_step(
-    ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, data: TokenDataset, step: int
+    ex: Executor,
+    supervisor: Supervisor,
+    cfg: RunConfig,
+    plan: Plan,
+    spec: ModelSpec,
+    data: TokenDataset,
+    step: int,
 ) -> tuple[StepRecord, list[Span]]:
-    """Run 0-based step `step` to its commit; returns what it measured and its timeline."""
+    """Run 0-based step `step` to its commit (or replay it after a failure); returns what it measured and
+    its timeline."""
     t0 = time.perf_counter()
     batch = data.batch(step, cfg.batch.global_batch, cfg.batch.seq_len)
     o = cfg.optimizer
@@ -178,12 +225,22 @@ def run_step(
         pool_size=plan.optimizer_actors,
         commit_meta={"fingerprint": model_fingerprint(cfg, plan), "lr": lr, "data_step": step + 1},
     )
+    key = step_key(inputs)
+    resume = supervisor.resume_point(step, key)
+    if resume.committed_meta is not None:  # committed before a failure hid the reply
+        return _recorded_step(step, resume.committed_meta), []
+    inputs = dataclasses.replace(inputs, done_units=resume.done_units, step_key=key)
+    supervisor.ask("ssd", "reserve", _scratch_bytes(cfg, plan, spec))
     sched = build_step(spec, ex.ring_spec, inputs)
-    futures = ex.run(sched)
+    try:
+        futures = supervisor.execute(sched)
+    except Exception as exc:
+        if supervisor.skip_nonfinite(step, exc, inputs.commit_meta):
+            return _recorded_step(step, {"lr": lr, "loss": math.nan, "grad_norm": math.nan}), []
+        raise
     summary = ex.get(futures[sched.summary])
-    ex.get(futures[sched.commit])
     seconds = time.perf_counter() - t0
-    spans = [s for role in ex.roles for s in ex.get(ex.call(role, "drain_timeline"))]
+    spans = [s for role in ex.roles for s in supervisor.ask(role, "drain_timeline")]
     tokens = cfg.batch.global_batch * cfg.batch.seq_len
     flops = spec.flops_per_token(cfg.batch.seq_len) * tokens
     return StepRecord(
@@ -219,6 +276,29 @@ def run_eval(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, data: To
     return total / max(scored, 1)
 
 
+def _scratch_bytes(cfg: RunConfig, plan: Plan, spec: ModelSpec) -> int:
+    """SSD space a step needs beyond the committed state (checked before it starts; see store.py)."""
+    return step_scratch_bytes(
+        [u.numel for u in spec.units],
+        4 if plan.param_dtype == "float32" else 2,
+        clipping=cfg.optimizer.max_grad_norm > 0,
+        units_in_flight=plan.num_slots // 4 + 2,
+    )
+
+
+def _recorded_step(step: int, meta: Mapping[str, Any]) -> StepRecord:
+    """The record of a step that ran no computation here (committed before a failure, or skipped)."""
+    return StepRecord(
+        step=step + 1,
+        loss=float(meta.get("loss", math.nan)),
+        grad_norm=float(meta.get("grad_norm", math.nan)),
+        lr=float(meta.get("lr", 0.0)),
+        seconds=0.0,
+        tokens_per_s=0.0,
+        tflops=0.0,
+    )
+
+
 def write_timeline(path: Path, step: int, spans: list[Span]) -> None:
     """The most recent step's per-lane busy intervals (seconds from the step's first span)."""
     t0 = min((s.start for s in spans), default=0.0)
@@ -228,10 +308,6 @@ def write_timeline(path: Path, step: int, spans: list[Span]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"step": step, "spans": rows}))
     os.replace(tmp, path)
-
-
-def _memory(ex: Executor) -> list[Any]:
-    return [ex.get(ex.call(role, "memory_report")) for role in ex.roles]
 
 
 def _summary(result: TrainResult) -> dict[str, Any]:

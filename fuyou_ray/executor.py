@@ -1,21 +1,28 @@
 """Executors run a `StepSchedule` on the actors: through Ray, or in this process (tests, debugging).
 
 Both create the same actor classes from `actors/` and run the same schedule; only the transport differs.
-`RayExecutor` names its actors `fuyou:<role>` (visible on the dashboard), gives them `max_restarts`, and
-passes each op's dependencies as ObjectRef arguments, so Ray starts an op when its inputs are ready without
-a round trip through the driver. `LocalExecutor` calls the methods directly, in schedule order.
+`RayExecutor` names its actors `fuyou:<role>` (visible on the dashboard) and passes each op's dependencies
+as ObjectRef arguments, so Ray starts an op when its inputs are ready without a round trip through the
+driver. `LocalExecutor` calls the methods directly, in schedule order.
+
+Health (used by fuyou_ray/supervisor.py): Ray restarts a dead actor without limit (`max_restarts=-1`; the
+supervisor counts restarts and decides when to stop) and never retries a call (`max_task_retries=0`: the
+supervisor replays the whole step instead). `wait_step` watches a step's progress and restarts the actors
+of a hung step; `wait_alive` waits for restarted actors and reports one whose restart failed.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fuyou_ray.config import RunConfig
+from fuyou_ray.errors import ActorFailureError, FuyouError
 from fuyou_ray.plan import Plan
 from fuyou_ray.ring import RingSpec
 from fuyou_ray.schedule import Ref, StepSchedule
@@ -48,6 +55,8 @@ def construct(role: str, setup: ActorSetup) -> tuple[type, tuple[Any, ...]]:
         return CPUOptimizerActor, (setup.ring, int(role[3:]), plan.optimizer_threads)
     raise ValueError(f"unknown actor role {role!r}")
 
+
+log = logging.getLogger("fuyou.executor")
 
 ROLE_NAMES = {"gpu": "gpu-compute", "ssd": "ssd-io"}
 
@@ -91,13 +100,54 @@ class Executor(abc.ABC):
         return [self.get(self.call(r, method, *args)) for r in roles]
 
     @abc.abstractmethod
-    def shutdown(self) -> None: ...
+    def shutdown(self, graceful: bool = True) -> None: ...
 
     def __enter__(self) -> Executor:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Leaving on an error or an interrupt: stop the actors now rather than wait for their calls.
+        self.shutdown(graceful=exc_type is None)
+
+    # ------------------------------------------------------------------------------------ health
+    # In process, actors cannot die apart from the driver, and a hang is the driver's own.
+
+    def wait_step(self, sched: StepSchedule, futures: list[Any], hang_timeout_s: float) -> None:
+        """Return once the step's commit has finished (or failed); restart the actors of a hung step."""
+        return None
+
+    def settle(self, futures: list[Any], timeout_s: float) -> None:
+        """Wait (at most timeout_s) until every call of a failed step has finished or failed."""
+        return None
+
+    def ask(self, role: str, method: str, *args: Any, timeout_s: float = 0.0) -> Any:
+        """A control call (not part of a step's schedule) and its answer. Through Ray, an actor that does not
+        answer within timeout_s (0 = no limit) is restarted and ActorHungError raised."""
+        return self.get(self.call(role, method, *args))
+
+    def is_actor_failure(self, exc: BaseException) -> bool:
+        """Whether `exc` means an actor died or hung (the step is replayed) rather than an error raised
+        by the actors' own code (the run stops with it)."""
+        return False
+
+    def wait_alive(self, timeout_s: float, hang_timeout_s: float = 0.0) -> None:
+        """Wait until every actor answers again; ActorFailureError if one cannot be brought back. An actor
+        that is up but does not answer within hang_timeout_s (0 = no limit) is restarted."""
+        return None
+
+    def restarted_roles(self) -> list[str]:
+        """Roles restarted since the last call (a role twice if it restarted twice)."""
+        return []
+
+    def pids(self) -> dict[str, int]:
+        """The process id of each role's actor."""
+        import os
+
+        return dict.fromkeys(self.roles, os.getpid())
+
+    def kill(self, role: str) -> None:
+        """Kill a role's actor so that it restarts (what a hang or a test's fault injection does)."""
+        raise NotImplementedError("in-process actors cannot be killed on their own")
 
 
 class LocalExecutor(Executor):
@@ -116,14 +166,27 @@ class LocalExecutor(Executor):
     def get(self, future: Any, timeout: float | None = None) -> Any:
         return future
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         for actor in self.actors.values():
             actor.shutdown()
         self.actors.clear()
 
 
+class ActorHungError(FuyouError):
+    """No call of a step finished for runtime.hang_timeout_s; the busy actors were restarted."""
+
+
 class RayExecutor(Executor):
-    """The run's actors as named Ray actors with restarts; calls return ObjectRefs."""
+    """The run's actors as named Ray actors, restarted by Ray when they die; calls return ObjectRefs.
+
+    Lifecycle: the constructor creates every actor and waits until each is ready; `shutdown()` (also on
+    `with` exit) stops them - gracefully after a normal end (each closes its ring mapping, the SSD actor
+    drains its I/O, drops what an unfinished step staged and releases the store), at once after an error
+    or an interrupt - and kills them, so no actor outlives the run.
+    """
+
+    TICK_S = 0.5  # how often a waiting step looks at its progress
+    GRACE_S = 30.0  # a graceful shutdown's wait for each actor
 
     def __init__(self, setup: ActorSetup, *, ready_timeout_s: float = 300.0) -> None:
         import ray
@@ -131,7 +194,7 @@ class RayExecutor(Executor):
         super().__init__(setup)
         self.ray = ray
         self.handles: dict[str, Any] = {}
-        cfg, plan = setup.config, setup.plan
+        plan = setup.plan
         # Reserve CPUs for the optimizer pool only when the cluster has them all; otherwise the last actors
         # would wait forever for resources. Threads are set by the actors themselves either way.
         pool_cpus = (
@@ -143,7 +206,12 @@ class RayExecutor(Executor):
             cls, args = construct(role, setup)
             options: dict[str, Any] = {
                 "name": display_name(role),
-                "max_restarts": cfg.runtime.max_restarts,
+                # Ray restarts a dead actor every time; the supervisor counts restarts and stops the run
+                # after runtime.max_restarts in runtime.restart_window_s.
+                "max_restarts": -1,
+                # Never re-run a call on its own: calls update ring slots in place. The supervisor replays
+                # the whole step instead, from state read again from the SSD.
+                "max_task_retries": 0,
                 "num_cpus": 0,
                 "runtime_env": {"env_vars": dict(ACTOR_ENV)},
             }
@@ -157,10 +225,15 @@ class RayExecutor(Executor):
             self.handles[role] = ray.remote(cls).options(**options).remote(*args)
         # Fail fast (with the actor's own error) if a constructor raised.
         deadline = time.monotonic() + ready_timeout_s
-        for handle in self.handles.values():
-            ray.get(handle.__ray_ready__.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            for handle in self.handles.values():
+                ray.get(handle.__ray_ready__.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
         # Memory is accounted from here: the workers have started their own threads and buffers.
         ray.get([h.reset_memory_baseline.remote() for h in self.handles.values()])
+        self._restarts = self._restart_counts()
 
     def call(self, role: str, method: str, *args: Any) -> Any:
         return getattr(self.handles[role], method).remote(*args)
@@ -168,13 +241,171 @@ class RayExecutor(Executor):
     def get(self, future: Any, timeout: float | None = None) -> Any:
         return self.ray.get(future, timeout=timeout)
 
-    def shutdown(self) -> None:
-        for handle in self.handles.values():
-            # A dead actor has nothing left to close; kill it regardless.
+    # ------------------------------------------------------------------------------------ health
+
+    def wait_step(self, sched: StepSchedule, futures: list[Any], hang_timeout_s: float) -> None:
+        ray = self.ray
+        target = [futures[sched.commit]]
+        index = {ref: i for i, ref in enumerate(futures)}
+        pending, finished = list(futures), set[int]()
+        last_progress = time.monotonic()
+        while True:
+            ready, _ = ray.wait(target, timeout=self.TICK_S, fetch_local=False)
+            if ready:
+                return
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
+            now = time.monotonic()
+            if done:
+                finished.update(index[ref] for ref in done)
+                last_progress = now
+            elif hang_timeout_s > 0 and now - last_progress > hang_timeout_s:
+                stuck = _busy_roles(sched, finished)
+                for role in stuck:
+                    self.kill(role)
+                raise ActorHungError(
+                    f"no call of the step finished for {hang_timeout_s:.0f} s (runtime.hang_timeout_s); "
+                    f"restarted {', '.join(display_name(r) for r in stuck)}"
+                )
+
+    def ask(self, role: str, method: str, *args: Any, timeout_s: float = 0.0) -> Any:
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return self.ray.get(self.call(role, method, *args), timeout=timeout_s or None)
+        except GetTimeoutError as exc:
+            self.kill(role)
+            raise ActorHungError(
+                f"{display_name(role)} did not answer {method} within {timeout_s:.0f} s "
+                "(runtime.hang_timeout_s); restarted it"
+            ) from exc
+
+    def settle(self, futures: list[Any], timeout_s: float) -> None:
+        if futures:
+            self.ray.wait(futures, num_returns=len(futures), timeout=timeout_s, fetch_local=False)
+
+    def is_actor_failure(self, exc: BaseException) -> bool:
+        from ray import exceptions as rex
+
+        transient = (
+            rex.RayActorError,  # died, or unreachable while it restarts (ActorUnavailableError)
+            rex.WorkerCrashedError,
+            rex.ObjectLostError,  # a result lost with the process that held it
+            rex.OwnerDiedError,
+            ActorHungError,
+        )
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        while current is not None and id(current) not in seen:
+            if isinstance(current, transient):
+                return True
+            seen.add(id(current))
+            wrapped = getattr(current, "cause", None)
+            current = wrapped if isinstance(wrapped, BaseException) else current.__cause__
+        return False
+
+    def wait_alive(self, timeout_s: float, hang_timeout_s: float = 0.0) -> None:
+        from ray.exceptions import ActorDiedError, GetTimeoutError
+
+        deadline = time.monotonic() + timeout_s
+        for role, handle in self.handles.items():
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ActorFailureError(
+                        f"{display_name(role)} did not come back within {timeout_s:.0f} s after a restart"
+                    )
+                try:
+                    wait = min(left, hang_timeout_s) if hang_timeout_s > 0 else left
+                    self.ray.get(handle.__ray_ready__.remote(), timeout=max(1.0, wait))
+                    break
+                except ActorDiedError as exc:
+                    raise ActorFailureError(
+                        f"{display_name(role)} died and could not be restarted: {_last_error_line(exc)}"
+                    ) from exc
+                except GetTimeoutError:
+                    # Restarting (importing, opening the store) takes its time; alive but silent is a hang.
+                    if self._actor_info(role).get("State") == "ALIVE":
+                        self.kill(role)
+                except self.ray.exceptions.RayActorError:
+                    time.sleep(0.2)  # unavailable while it restarts
+
+    def restarted_roles(self) -> list[str]:
+        counts = self._restart_counts()
+        restarted = [
+            role for role, n in counts.items() for _ in range(max(0, n - self._restarts.get(role, 0)))
+        ]
+        self._restarts = counts
+        for role in dict.fromkeys(restarted):
+            # A restarted process measures its memory from its own start; warm its I/O threads first.
             with contextlib.suppress(Exception):
-                self.ray.get(handle.shutdown.remote(), timeout=30)
-            self.ray.kill(handle, no_restart=True)
+                self.ray.get(self.handles[role].reset_memory_baseline.remote(), timeout=60)
+        return restarted
+
+    def _actor_info(self, role: str) -> dict[str, Any]:
+        """The GCS's record of a role's actor (state, pid, restarts)."""
+        from ray._private import state
+
+        try:
+            return dict(state.actors(actor_id=self.handles[role]._actor_id.hex()) or {})
+        except Exception:  # a private API: degrade to "unknown" rather than fail the run
+            return {}
+
+    def _restart_counts(self) -> dict[str, int]:
+        return {role: int(self._actor_info(role).get("NumRestarts", 0)) for role in self.handles}
+
+    def pids(self) -> dict[str, int]:
+        out = {}
+        for role, handle in self.handles.items():
+            pid = self._actor_info(role).get("Pid")
+            if not pid:
+                pid = self.ray.get(handle.__ray_call__.remote(_getpid), timeout=60)
+            out[role] = int(pid)
+        return out
+
+    def kill(self, role: str) -> None:
+        log.warning("killing %s so that Ray restarts it", display_name(role))
+        self.ray.kill(self.handles[role], no_restart=False)
+
+    # ------------------------------------------------------------------------------------ shutdown
+
+    def shutdown(self, graceful: bool = True) -> None:
+        ray = self.ray
+        # The SSD actor goes last: the others stop producing first, then it drains what is in flight,
+        # drops what an unfinished step staged, and releases the store.
+        order = [r for r in self.handles if r != "ssd"] + (["ssd"] if "ssd" in self.handles else [])
+        for role in order:
+            handle = self.handles[role]
+            if graceful or role == "ssd":
+                # A dead actor has nothing left to close; it is killed regardless.
+                with contextlib.suppress(Exception):
+                    ray.get(handle.shutdown.remote(), timeout=self.GRACE_S if graceful else 10.0)
+            with contextlib.suppress(Exception):
+                ray.kill(handle, no_restart=True)
         self.handles.clear()
+
+
+def _busy_roles(sched: StepSchedule, finished: set[int]) -> list[str]:
+    """Roles of the unfinished calls whose inputs are all there: the ones that should be running."""
+    busy = []
+    for op in sched.ops:
+        if op.id in finished:
+            continue
+        deps = [a.op for a in op.args if isinstance(a, Ref)] + list(op.after)
+        if all(d in finished for d in deps) and op.actor not in busy:
+            busy.append(op.actor)
+    return busy or sorted({op.actor for op in sched.ops if op.id not in finished})
+
+
+def _last_error_line(exc: BaseException) -> str:
+    """The `SomeError: message` line of a Ray error that carries a remote traceback as text."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _getpid(actor: object) -> int:
+    import os
+
+    return os.getpid()
 
 
 def _cluster_cpus(ray: Any) -> float:

@@ -241,6 +241,7 @@ class SSDTensorStore:
             self._store_lock.release()
             raise
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="fuyou-io")
+        self._sums = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="fuyou-crc")
         # Unlinking GBs of superseded files takes seconds on some filesystems: it runs off the step's
         # critical path. A crash before it finishes leaves unreferenced files, which the next open removes.
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-unlink")
@@ -332,15 +333,17 @@ class SSDTensorStore:
             (d / (MANIFEST.rsplit(".", 1)[0] + ".tmp")).unlink(missing_ok=True)
 
     def warm_up(self) -> None:
-        """Start every I/O thread now (threads start lazily), so their stacks and malloc arenas exist
-        before memory accounting begins rather than appearing as fuyou-ray's allocations."""
-        barrier = threading.Barrier(self._pool._max_workers)
-        futures = [
-            self._pool.submit(lambda: (barrier.wait(5), zlib.crc32(bytes(ALIGN))))
-            for _ in range(self._pool._max_workers)
-        ]
-        for f in futures:
-            f.result()
+        """Start every I/O and checksum thread now (threads start lazily), so their stacks and malloc
+        arenas exist before memory accounting begins rather than appearing as fuyou-ray's allocations."""
+        for pool in (self._pool, self._sums):
+            barrier = threading.Barrier(pool._max_workers)
+
+            def meet(barrier: threading.Barrier = barrier) -> int:
+                barrier.wait(5)
+                return zlib.crc32(bytes(ALIGN))
+
+            for f in [pool.submit(meet) for _ in range(pool._max_workers)]:
+                f.result()
 
     def wait_for_deletions(self) -> None:
         """Block until files superseded by earlier publications and commits are unlinked."""
@@ -349,6 +352,7 @@ class SSDTensorStore:
     def close(self) -> None:
         self._deleter.shutdown(wait=True)
         self._pool.shutdown(wait=True)
+        self._sums.shutdown(wait=True)
         self._store_lock.release()
 
     # ------------------------------------------------------------------------------------------ queries
@@ -519,11 +523,17 @@ class SSDTensorStore:
                 done = 0
                 while done < size:
                     done += os.pwritev(fds[k], [view[done:]], file_off + done)
-                logical = max(0, min(size, nbytes - rec_off))
-                return zlib.crc32(view[:logical])
+                return size
 
-            futures = [self._pool.submit(write_chunk, *c) for c in self._chunks(rec)]
-            crcs = tuple(_results(futures, name))
+            chunks = list(self._chunks(rec))
+            # The checksums of the source run beside the writes, on their own threads: the I/O threads
+            # only move bytes, so the SSD keeps io_threads requests in flight.
+            sums = [
+                self._sums.submit(_crc, src[off : off + max(0, min(n, nbytes - off))])
+                for _, off, _, n in chunks
+            ]
+            _results([self._pool.submit(write_chunk, *c) for c in chunks], name)
+            crcs = tuple(_results(sums, name))
             for fd in fds:
                 os.fsync(fd)
         except BaseException as exc:
@@ -556,7 +566,7 @@ class SSDTensorStore:
             for k, s in enumerate(rec.stripes):
                 fds.append(self._open(s.directory, rec.file_name(k), write=False))
 
-            def read_chunk(k: int, rec_off: int, file_off: int, size: int) -> int:
+            def read_chunk(k: int, rec_off: int, file_off: int, size: int) -> Future[int] | None:
                 view = dest[rec_off : rec_off + size]
                 done = 0
                 while done < size:
@@ -565,11 +575,12 @@ class SSDTensorStore:
                         raise ChecksumError(f"{name}: file {rec.file_name(k)} ends early (torn write?)")
                     done += got
                 logical = max(0, min(size, rec.nbytes - rec_off))
-                return zlib.crc32(view[:logical]) if self.verify else 0
+                # Checked on the checksum threads while this I/O thread reads the next chunk.
+                return self._sums.submit(_crc, view[:logical]) if self.verify else None
 
             chunks = list(self._chunks(rec))
-            futures = [self._pool.submit(read_chunk, *c) for c in chunks]
-            crcs = _results(futures, name)
+            pending = _results([self._pool.submit(read_chunk, *c) for c in chunks], name)
+            crcs = [0 if f is None else f.result() for f in pending]
         finally:
             for fd in fds:
                 os.close(fd)
@@ -750,7 +761,11 @@ def _itemsize(dtype: str) -> int:
         raise ValueError(f"unsupported dtype {dtype!r}; one of {sorted(_ITEMSIZE)}") from None
 
 
-def _results(futures: list[Future[int]], name: str) -> list[int]:
+def _crc(view: memoryview) -> int:
+    return zlib.crc32(view)
+
+
+def _results(futures: list[Future[Any]], name: str) -> list[Any]:
     try:
         return [f.result() for f in futures]
     except OSError as exc:
@@ -807,6 +822,8 @@ def check_ssd_path(path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise StorePathError(f"SSD path {path} is not a directory: fix ssd.paths")
+    if path.resolve() == Path(path.anchor or "/"):
+        raise StorePathError(f"SSD path {path} is a filesystem root: give ssd.paths a directory of its own")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".fuyou-write-probe"

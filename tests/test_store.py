@@ -87,6 +87,7 @@ def crash(store: SSDTensorStore) -> None:
     """What the kernel does for a process killed with the store open: its lock goes, nothing is cleaned."""
     store._deleter.shutdown(wait=True)
     store._pool.shutdown(wait=True)
+    store._sums.shutdown(wait=True)
     store._store_lock.release()
 
 

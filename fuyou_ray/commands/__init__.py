@@ -16,4 +16,5 @@ COMMANDS = [
     "export_hf",
     "generate",
     "evaluate",
+    "checkpoint",
 ]
