@@ -16,6 +16,7 @@ from fuyou_ray.config import RunConfig
 from fuyou_ray.data import TokenDataset, bundled_corpus_text
 from fuyou_ray.models import lm_loss
 from fuyou_ray.optim import learning_rate
+from fuyou_ray.reference import reference_adamw
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{{ m['content'] }}{{ eos_token }}"
@@ -158,16 +159,7 @@ def train_hf_reference(model: Any, cfg: RunConfig, steps: int) -> list[float]:
     untie(model)
     params = list(model.parameters())
     o = cfg.optimizer
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=o.lr,
-        betas=o.betas,
-        eps=o.eps,
-        fused=True,
-    )
+    opt = reference_adamw(params, o)
     data = TokenDataset.from_config(cfg.data, cfg.model.vocab_size)
     losses = []
     for step in range(steps):
