@@ -95,11 +95,13 @@ class ModelConfig:
     `arch: gpt` is GPT-2/GPT-3 (pre-LayerNorm, GELU MLP, learned positions); `arch: gpt2` is the same
     network in Hugging Face GPT-2's layout and arithmetic (Conv1D, gelu_new). `arch: llama` is the Llama
     family (RMSNorm, RoPE, SwiGLU MLP, grouped-query attention): Llama 2/3, Mistral (`sliding_window`),
-    Qwen2 (`qkv_bias`). `fuyou-ray import` fills these fields from a Hugging Face config.json. The input
+    Qwen2 (`qkv_bias`). `arch: gpt_neox` is GPT-NeoX / Pythia (LayerNorm, fused qkv, partial RoPE with
+    `rope_theta` / linear `rope_scaling`, `parallel_residual`, a GELU variant, `qkv_bias` = `attn_out_bias`).
+    `fuyou-ray import` fills these fields from a Hugging Face config.json. The input
     embedding and the LM head are always separate (untied) units: the pipeline streams units one by one.
     """
 
-    arch: Literal["gpt", "gpt2", "llama"] = "gpt"
+    arch: Literal["gpt", "gpt2", "llama", "gpt_neox"] = "gpt"
     vocab_size: int = 256
     n_layer: int = 4
     n_head: int = 4
@@ -118,6 +120,12 @@ class ModelConfig:
     attn_out_bias: bool = False  # bias on the attention output projection (Llama `attention_bias`: both)
     mlp_bias: bool = False
     sliding_window: int = 0  # attend to the last N positions only (Mistral); 0 = full causal attention
+    # GPT-NeoX only (it also reads rope_theta, linear rope_scaling, qkv_bias = attn_out_bias, layer_norm_eps):
+    rotary_pct: float = 1.0  # leading fraction of each head's dims that RoPE rotates (Pythia: 0.25)
+    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)); false: the sequential form
+    hidden_act: Literal[
+        "gelu", "gelu_python", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_accurate", "quick_gelu"
+    ] = "gelu"  # the MLP activation, by transformers' ACT2FN name
 
     @property
     def kv_heads(self) -> int:
@@ -223,6 +231,7 @@ class RuntimeConfig:
     `hang_timeout_s` counts as hung: its busy actors are restarted. `on_nonfinite` says what a NaN/inf
     loss or gradient does: `stop` the run (exit code 5), or `skip` the step (weights unchanged; needs
     optimizer.max_grad_norm > 0, which checks every gradient before the first update).
+    `data_parallel: N` runs N pipelines, each on 1/N of the global batch (docs: README, Data parallelism).
     """
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -234,6 +243,9 @@ class RuntimeConfig:
     hang_timeout_s: float = 600.0
     on_nonfinite: Literal["stop", "skip"] = "stop"
     ray_num_cpus: int = 0
+    # Pipelines (GPU compute + SSD I/O + optimizer pool each, one per GPU) that split every step's batch;
+    # gradients are summed across them and each holds 1/N of the optimizer state (fuyou_ray/parallel/).
+    data_parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -424,6 +436,7 @@ def _validate(cfg: RunConfig) -> None:
     require(cfg.ssd.io_threads >= 1, "ssd.io_threads", "must be >= 1")
     require(cfg.runtime.optimizer_actors >= 0, "runtime.optimizer_actors", "must be >= 0 (0 = auto)")
     require(cfg.runtime.optimizer_threads >= 0, "runtime.optimizer_threads", "must be >= 0 (0 = auto)")
+    _validate_data_parallel(cfg, require)
     require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", "must be >= 0")
     require(cfg.runtime.restart_window_s > 0, "runtime.restart_window_s", "must be > 0 seconds")
     require(cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s", "must be >= 0 seconds (0 = never)")
@@ -438,10 +451,40 @@ def _validate(cfg: RunConfig) -> None:
     require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
 
 
+NEOX_ONLY_FIELDS = ("rotary_pct", "parallel_residual", "hidden_act")
+
+
+def _validate_data_parallel(cfg: RunConfig, require: Callable[[bool, str, str], None]) -> None:
+    n, b = cfg.runtime.data_parallel, cfg.batch
+    require(n >= 1, "runtime.data_parallel", f"must be >= 1 (pipelines), got {n}")
+    if n == 1:
+        return
+    require(
+        b.global_batch % (n * b.micro_batch) == 0,
+        "batch.global_batch",
+        f"{b.global_batch} must split into runtime.data_parallel = {n} equal parts of whole micro-batches "
+        f"(batch.micro_batch = {b.micro_batch}): make it a multiple of {n * b.micro_batch}",
+    )
+    require(
+        cfg.runtime.executor == "ray",
+        "runtime.executor",
+        "'local' runs one pipeline in one process; runtime.data_parallel > 1 needs 'ray'",
+    )
+
+
 def _validate_model_family(m: ModelConfig, require: Callable[[bool, str, str], None]) -> None:
     defaults = ModelConfig()
     llama_only = ["n_kv_head", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "qkv_bias"]
     llama_only += ["attn_out_bias", "mlp_bias", "sliding_window"]
+    if m.arch == "gpt_neox":
+        _validate_neox(m, require)
+        return
+    for name in NEOX_ONLY_FIELDS:
+        require(
+            getattr(m, name) == getattr(defaults, name),
+            f"model.{name}",
+            "applies to arch 'gpt_neox' only; remove it or set model.arch: gpt_neox",
+        )
     if m.arch != "llama":
         for name in llama_only:
             require(
@@ -476,6 +519,33 @@ def _validate_model_family(m: ModelConfig, require: Callable[[bool, str, str], N
                 "model.rope_scaling.original_max_position_embeddings",
                 "must be >= 1",
             )
+
+
+def _validate_neox(m: ModelConfig, require: Callable[[bool, str, str], None]) -> None:
+    defaults = ModelConfig()
+    for name in ("n_kv_head", "head_dim", "rms_norm_eps", "mlp_bias", "sliding_window"):
+        require(
+            getattr(m, name) == getattr(defaults, name),
+            f"model.{name}",
+            "does not apply to arch 'gpt_neox'; remove it",
+        )
+    require(
+        m.qkv_bias == m.attn_out_bias,
+        "model.attn_out_bias",
+        "arch 'gpt_neox' has one attention bias (HF attention_bias): set qkv_bias and attn_out_bias alike",
+    )
+    require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    require(0 < m.rotary_pct <= 1, "model.rotary_pct", f"must be in (0, 1], got {m.rotary_pct}")
+    rotary = int(m.head_size * m.rotary_pct)
+    require(
+        rotary % 2 == 0,
+        "model.rotary_pct",
+        f"RoPE needs an even number of rotated dims; head size {m.head_size} x {m.rotary_pct} gives {rotary}",
+    )
+    r = m.rope_scaling
+    if r is not None:
+        require(r.type == "linear", "model.rope_scaling.type", "arch 'gpt_neox' supports 'linear' only")
+        require(r.factor > 0, "model.rope_scaling.factor", "must be > 0")
 
 
 def _validate_data(d: DataConfig, require: Callable[[bool, str, str], None]) -> None:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fuyou_ray.config import RunConfig, format_size, save_config
+from fuyou_ray.config import NEOX_ONLY_FIELDS, ModelConfig, RunConfig, format_size, save_config
 from fuyou_ray.data import TokenDataset
 from fuyou_ray.errors import RunStateError
 from fuyou_ray.executor import ActorSetup, Executor, LocalExecutor, RayExecutor
@@ -68,7 +68,14 @@ class TrainResult:
 
 def model_fingerprint(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
     """What the store must agree with to be resumed by this config."""
-    return {"model": cfg.to_dict()["model"], "param_dtype": plan.param_dtype, "seed": cfg.seed}
+    model = cfg.to_dict()["model"]
+    # Fields added with arch gpt_neox are left out while at their defaults: stores committed before they
+    # existed hold fingerprints without them, and must still resume.
+    defaults = ModelConfig()
+    for name in NEOX_ONLY_FIELDS:
+        if getattr(cfg.model, name) == getattr(defaults, name):
+            del model[name]
+    return {"model": model, "param_dtype": plan.param_dtype, "seed": cfg.seed}
 
 
 def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None = None) -> TrainResult:

@@ -123,7 +123,8 @@ def test_cli_import_train_eval_generate_export(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "src" / "config.json").write_text(json.dumps({**cfg, "architectures": ["MambaForCausalLM"]}))
     assert main(["import", str(tmp_path / "src"), str(tmp_path / "run2")]) == 2
     err = capsys.readouterr().err
-    assert "MambaForCausalLM" in err and "supported: GPT2LMHeadModel, LlamaForCausalLM" in err
+    assert "MambaForCausalLM" in err
+    assert "supported: GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM" in err
     assert not (tmp_path / "run2").exists()
     assert main(["export", str(run), str(tmp_path / "out")]) == 4  # not empty: refused
     assert "not empty" in capsys.readouterr().err

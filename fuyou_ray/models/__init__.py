@@ -3,7 +3,8 @@
 `ModelSpec` is what the pipeline needs to know about a model: how many units, each unit's flat layout, how
 to build a weightless unit module, and how to initialise a unit's weights deterministically (unit by unit,
 so a model larger than RAM is initialised straight into the store). It knows nothing of where weights live.
-Architectures are registered in `ARCHITECTURES` (one model file each: gpt.py, gpt2.py, llama.py).
+Architectures are registered in `ARCHITECTURES` (one model file each: gpt.py, gpt2.py, llama.py,
+gpt_neox.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fuyou_ray.config import ModelConfig
 from fuyou_ray.models.cache import KVCache
 from fuyou_ray.models.gpt import IGNORE_INDEX, build_gpt_unit, lm_loss
 from fuyou_ray.models.gpt2 import build_gpt2_unit
+from fuyou_ray.models.gpt_neox import build_neox_unit, init_neox_tensor
 from fuyou_ray.models.layout import FlatLayout, ParamSlice
 from fuyou_ray.models.llama import build_llama_unit, init_llama_tensor
 
@@ -59,6 +61,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt": Architecture(build_gpt_unit, _init_gpt_tensor),
     "gpt2": Architecture(build_gpt2_unit, _init_gpt_tensor),
     "llama": Architecture(build_llama_unit, init_llama_tensor),
+    "gpt_neox": Architecture(build_neox_unit, init_neox_tensor),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from fuyou_ray.config import ModelConfig, RopeScalingConfig
 from fuyou_ray.models import ModelSpec
+from fuyou_ray.models.gpt_neox import ACTIVATIONS as NEOX_ACTIVATIONS
 
 
 class UnsupportedModelError(ValueError):
@@ -284,7 +285,123 @@ class GPT2Adapter(HFAdapter):
         }
 
 
-ADAPTERS: tuple[HFAdapter, ...] = (LlamaFamilyAdapter(), GPT2Adapter())
+class GPTNeoXAdapter(HFAdapter):
+    """GPTNeoXForCausalLM (Pythia, GPT-NeoX-20B) onto `arch: gpt_neox`, in the checkpoint's own layout
+    (fused query_key_value as stored), so import and export are plain copies.
+
+    Reads both config spellings: transformers 4.x (`rotary_pct`, `rotary_emb_base`, `rope_scaling`) and
+    5.x (`rope_parameters` with `partial_rotary_factor`, `rope_theta`, `rope_type`). The LM head is
+    `embed_out.weight`, the name Hub checkpoints use and transformers 5 still saves and loads."""
+
+    architectures = ("GPTNeoXForCausalLM",)
+    model_types = ("gpt_neox",)
+
+    def model_config(self, hf: Mapping[str, Any]) -> ModelConfig:
+        act = hf.get("hidden_act", "gelu")
+        _require(
+            act in NEOX_ACTIVATIONS,
+            f"hidden_act {act!r} is not supported for GPT-NeoX; supported: {', '.join(NEOX_ACTIVATIONS)}",
+        )
+        d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        _require(d % heads == 0, f"hidden_size {d} is not a multiple of num_attention_heads {heads}")
+        rope = dict(hf.get("rope_parameters") or {})
+        params = {**dict(hf.get("rope_scaling") or {}), **rope}
+        rope_type = params.get("rope_type", params.get("type")) or "default"
+        theta = float(
+            _get(rope, "rope_theta", default=_get(hf, "rotary_emb_base", "rope_theta", default=10000))
+        )
+        # transformers' default when neither spelling is given is 0.25 (GPTNeoXConfig's rotary_pct).
+        pct = float(
+            _get(
+                rope,
+                "partial_rotary_factor",
+                default=_get(hf, "rotary_pct", "partial_rotary_factor", default=0.25),
+            )
+        )
+        _require(0 < pct <= 1, f"rotary_pct {pct} is not supported (must be in (0, 1])")
+        rotary = int(d // heads * pct)
+        _require(
+            rotary % 2 == 0,
+            f"rotary_pct {pct} rotates an odd number of dims ({rotary} of head size {d // heads}); "
+            "not supported",
+        )
+        scaling: RopeScalingConfig | None = None
+        if rope_type == "linear":
+            scaling = RopeScalingConfig(type="linear", factor=float(params["factor"]))
+        elif rope_type != "default":
+            raise UnsupportedModelError(
+                f"RoPE scaling {rope_type!r} (rope_scaling / rope_parameters) is not supported for GPT-NeoX; "
+                "supported: default, linear"
+            )
+        bias = bool(hf.get("attention_bias", True))
+        return ModelConfig(
+            arch="gpt_neox",
+            vocab_size=int(hf["vocab_size"]),
+            n_layer=int(hf["num_hidden_layers"]),
+            n_head=heads,
+            d_model=d,
+            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+            init_std=float(hf.get("initializer_range", 0.02)),
+            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+            intermediate_size=int(hf["intermediate_size"]),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            qkv_bias=bias,
+            attn_out_bias=bias,
+            rotary_pct=pct,
+            parallel_residual=bool(hf.get("use_parallel_residual", True)),
+            hidden_act=act,
+        )
+
+    def hf_name(self, unit: int, name: str, cfg: ModelConfig) -> tuple[str, bool]:
+        if unit == 0:
+            return f"gpt_neox.{name}", False
+        if unit == cfg.n_layer + 1:
+            return (name if name.startswith("embed_out") else f"gpt_neox.{name}"), False
+        return f"gpt_neox.layers.{unit - 1}.{name}", False
+
+    def tied_fallback(self) -> dict[str, str]:
+        return {"embed_out.weight": "gpt_neox.embed_in.weight"}
+
+    def ignorable(self, hf_name: str) -> bool:
+        # Buffers older checkpoints carry: the causal mask, its fill value, RoPE's inverse frequencies.
+        return hf_name.endswith(("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"))
+
+    def new_hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        rope: dict[str, Any] = {
+            "rope_type": "default",
+            "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.rotary_pct,
+        }
+        if cfg.rope_scaling is not None:
+            rope.update(rope_type="linear", factor=cfg.rope_scaling.factor)
+        return {
+            "architectures": ["GPTNeoXForCausalLM"],
+            "model_type": "gpt_neox",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.mlp_width,
+            "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head,
+            "hidden_act": cfg.hidden_act,
+            "max_position_embeddings": cfg.max_seq_len,
+            "initializer_range": cfg.init_std,
+            "layer_norm_eps": cfg.layer_norm_eps,
+            "use_parallel_residual": cfg.parallel_residual,
+            "attention_bias": cfg.qkv_bias,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            # transformers 5 reads rope_parameters; 4.x reads the three legacy keys.
+            "rope_parameters": rope,
+            "rotary_pct": cfg.rotary_pct,
+            "rotary_emb_base": cfg.rope_theta,
+            "rope_scaling": None
+            if cfg.rope_scaling is None
+            else {"type": "linear", "factor": cfg.rope_scaling.factor},
+        }
+
+
+ADAPTERS: tuple[HFAdapter, ...] = (LlamaFamilyAdapter(), GPT2Adapter(), GPTNeoXAdapter())
 
 
 def supported_architectures() -> list[str]:
@@ -307,4 +424,5 @@ def adapter_for(hf: Mapping[str, Any], where: str = "config.json") -> HFAdapter:
 
 
 def adapter_for_model(cfg: ModelConfig) -> HFAdapter:
-    return ADAPTERS[0] if cfg.arch == "llama" else ADAPTERS[1]
+    """The adapter that exports a run with no HF source config (arch gpt and gpt2 export as GPT-2)."""
+    return {"llama": ADAPTERS[0], "gpt_neox": ADAPTERS[2]}.get(cfg.arch, ADAPTERS[1])
