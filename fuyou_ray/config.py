@@ -231,6 +231,7 @@ class RuntimeConfig:
     `hang_timeout_s` counts as hung: its busy actors are restarted. `on_nonfinite` says what a NaN/inf
     loss or gradient does: `stop` the run (exit code 5), or `skip` the step (weights unchanged; needs
     optimizer.max_grad_norm > 0, which checks every gradient before the first update).
+    `data_parallel: N` runs N pipelines, each on 1/N of the global batch (docs: README, Data parallelism).
     """
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -242,6 +243,9 @@ class RuntimeConfig:
     hang_timeout_s: float = 600.0
     on_nonfinite: Literal["stop", "skip"] = "stop"
     ray_num_cpus: int = 0
+    # Pipelines (GPU compute + SSD I/O + optimizer pool each, one per GPU) that split every step's batch;
+    # gradients are summed across them and each holds 1/N of the optimizer state (fuyou_ray/parallel/).
+    data_parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -432,6 +436,7 @@ def _validate(cfg: RunConfig) -> None:
     require(cfg.ssd.io_threads >= 1, "ssd.io_threads", "must be >= 1")
     require(cfg.runtime.optimizer_actors >= 0, "runtime.optimizer_actors", "must be >= 0 (0 = auto)")
     require(cfg.runtime.optimizer_threads >= 0, "runtime.optimizer_threads", "must be >= 0 (0 = auto)")
+    _validate_data_parallel(cfg, require)
     require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", "must be >= 0")
     require(cfg.runtime.restart_window_s > 0, "runtime.restart_window_s", "must be > 0 seconds")
     require(cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s", "must be >= 0 seconds (0 = never)")
@@ -447,6 +452,24 @@ def _validate(cfg: RunConfig) -> None:
 
 
 NEOX_ONLY_FIELDS = ("rotary_pct", "parallel_residual", "hidden_act")
+
+
+def _validate_data_parallel(cfg: RunConfig, require: Callable[[bool, str, str], None]) -> None:
+    n, b = cfg.runtime.data_parallel, cfg.batch
+    require(n >= 1, "runtime.data_parallel", f"must be >= 1 (pipelines), got {n}")
+    if n == 1:
+        return
+    require(
+        b.global_batch % (n * b.micro_batch) == 0,
+        "batch.global_batch",
+        f"{b.global_batch} must split into runtime.data_parallel = {n} equal parts of whole micro-batches "
+        f"(batch.micro_batch = {b.micro_batch}): make it a multiple of {n * b.micro_batch}",
+    )
+    require(
+        cfg.runtime.executor == "ray",
+        "runtime.executor",
+        "'local' runs one pipeline in one process; runtime.data_parallel > 1 needs 'ray'",
+    )
 
 
 def _validate_model_family(m: ModelConfig, require: Callable[[bool, str, str], None]) -> None:
