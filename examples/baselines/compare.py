@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,10 @@ def run_fuyou(config: str, out_dir: Path, steps: int, overrides: list[str]) -> d
         wall = time.perf_counter() - t0
         return {"mode": "fuyou", "status": "error", "error": proc.stderr[-2000:], "wall_s": wall}
     r = json.loads(bench.read_text())
+    # keep the bench's own record and picture: the run dir is removed to free the disk for the next system
+    shutil.copy(bench, out_dir / "fuyou-bench.json")
+    if (run_dir / "timeline.png").exists():
+        shutil.copy(run_dir / "timeline.png", out_dir / "fuyou-timeline.png")
     # one MemoryReport per process (driver and each actor): peak RSS above that process's baseline
     per_process = [m.get("peak_above_baseline", 0) for m in r.get("memory", [])]
     rss, total_rss = max(per_process, default=0), sum(per_process)
