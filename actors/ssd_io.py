@@ -1,16 +1,20 @@
-"""The SSD I/O actor: owns the run's on-SSD tensor store and moves records between it and the ring."""
+"""The SSD I/O actor: owns the run's on-SSD tensor store (and host cache) and moves records between them and
+the ring."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import statistics
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
+from fuyou_ray.cache import CachedStore, CacheSpec
 from fuyou_ray.checkpoint import prune as prune_checkpoints
 from fuyou_ray.checkpoint import take as take_checkpoint
 from fuyou_ray.config import ModelConfig, SSDConfig, format_size
@@ -24,58 +28,83 @@ from fuyou_ray.timeline import Span, Timeline
 
 
 class SSDIOActor:
-    """Owns the `SSDTensorStore` of one run and a mapping of the ring.
+    """Owns the `SSDTensorStore` of one run, its host cache (`CachedStore`, fuyou_ray/cache.py: the records
+    the plan keeps in CPU memory) and a mapping of the ring.
 
     Lifecycle: created by the driver (name `fuyou:ssd-io`, threaded so reads and writes overlap); on
     (re)start it opens the store - waiting for a killed predecessor's lock to go - which drops whatever an
-    unfinished attempt staged and keeps what it published. `read` fills a ring slot from a record; `write`
-    stages a slot's payload as a new record version; `publish` makes one unit's update durable; `commit`
-    publishes the step. Every call is idempotent (a repeated write, publish or commit changes nothing), so a
-    retried or replayed call is harmless.
+    unfinished attempt staged and keeps what it published, then attaches the run's host cache (which
+    outlives actors; when it is gone - a new driver - a write-back store goes back to its last durable
+    step). `read` fills a ring slot from a record; `write` stages a slot's payload as a new record version;
+    `publish` makes one unit's update durable; `commit` publishes the step; `flush` writes the cache back
+    to SSD. Every call is idempotent (a repeated write, publish or commit changes nothing), so a retried or
+    replayed call is harmless. `shutdown` flushes a write-back cache and removes its files.
     """
 
     LOCK_TIMEOUT_S = 120.0  # a killed run's actors may take a while to die and release the store
 
-    def __init__(self, ssd: SSDConfig, ring: RingSpec, model: ModelConfig) -> None:
+    def __init__(
+        self, ssd: SSDConfig, ring: RingSpec, model: ModelConfig, cache: CacheSpec | None = None
+    ) -> None:
         self.log = setup_logging("ssd-io")
         # Built here, not on first use: building torch modules pulls in ~75 MB of lazy imports, which
         # belong to the process's baseline, not to the memory budget.
         self.spec = ModelSpec(model)
         self.memory = MemoryMeter("ssd-io")
-        self.store = SSDTensorStore(
+        self.disk = SSDTensorStore(
             ssd.paths,
             direct_io=ssd.direct_io,
             io_threads=ssd.io_threads,
             verify_checksums=ssd.verify_checksums,
             lock_timeout_s=self.LOCK_TIMEOUT_S,
         )
+        try:
+            self.store = CachedStore(self.disk, cache or CacheSpec(), self.spec.num_units, ssd.io_threads)
+        except BaseException:
+            self.disk.close()
+            raise
         self.ring = RingMapping(ring)
+        self._io_marks = (0, 0)
+        self.step_io: dict[int, tuple[int, int]] = {}  # step -> SSD bytes (read, written) up to its commit
         self.timeline = Timeline()
         self._inflight = 0
         self._closing = False
         self._idle = threading.Condition()
-        pending = self.store.pending
+        pending = self.disk.pending
+        names = self.store.names
         self.log.info(
-            "store at %s, committed step %d%s",
+            "store at %s, committed step %d%s%s",
             ", ".join(ssd.paths),
-            self.store.committed_step,
+            self.disk.committed_step,
             f", step {pending.step} partly published" if pending else "",
+            (
+                f"; {len(names)} records cached in host memory "
+                f"({'write-through' if self.store.spec.write_through else 'write-back'})"
+                if names
+                else ""
+            ),
         )
 
     # ------------------------------------------------------------------------------ the step's I/O
 
     def read(self, name: str, slot: SlotHandle, *after: object) -> SlotHandle:
-        """Fill `slot` with the readable version of record `name`; returns the slot, now carrying it."""
+        """Fill `slot` with the readable version of record `name` (from the host cache when it holds it);
+        returns the slot, now carrying it."""
         with self._io():
-            rec = self.store.record(name)
+            rec = self.disk.record(name)
             handle = slot.carrying(name, rec.dtype, rec.numel, rec.version)
-            with self.timeline.span("ssd read", name, rec.padded_nbytes):
-                self.store.read_into(name, self.ring.memoryview(handle))
+            start = time.time()
+            _, cached = self.store.read(name, self.ring.memoryview(handle))
+            lane = "cache read" if cached else "ssd read"
+            self.timeline.add(Span(lane, name, start, time.time(), rec.padded_nbytes))
         return handle
 
     def write(self, slot: SlotHandle, version: int, transient: bool, *after: object) -> int:
         """Stage the slot's payload as version `version` of its record. Returns bytes written."""
-        with self._io(), self.timeline.span("ssd write", slot.tensor, slot.nbytes):
+        # Write-through (and uncached records) cost SSD time; write-back only a copy into the cache.
+        to_ssd = slot.tensor not in self.store.names or (self.store.spec.write_through and not transient)
+        lane = "ssd write" if to_ssd else "cache write"
+        with self._io(), self.timeline.span(lane, slot.tensor, slot.nbytes):
             rec = self.store.write_from(
                 slot.tensor,
                 self.ring.memoryview(slot),
@@ -104,34 +133,37 @@ class SSDIOActor:
 
         A step with a NaN/inf loss or gradient norm is discarded: its staged writes are deleted and the
         last committed state stays as it was. Committing a step that is already committed does nothing.
+        With a write-back cache, every `runtime.cache_flush_every` commits also flush it to SSD.
         """
-        if self.store.committed_step == step:
+        if self.disk.committed_step == step:
             return step
         bad = {k: v for k, v in summary.items() if not math.isfinite(v)}
         if bad:
             self.store.discard_staged()
             raise NonFiniteStepError(
                 f"step {step} produced non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; "
-                f"nothing was committed (the run stays at step {self.store.committed_step}). "
+                f"nothing was committed (the run stays at step {self.disk.committed_step}). "
                 "Lower optimizer.lr or check the data."
             )
         with self._io(), self.timeline.span("ssd write", f"commit {step}"):
             self.store.commit(step, {**meta, **summary})
+        self._count_step_io(step)
         return step
 
     def skip(self, step: int, meta: Mapping[str, Any]) -> int:
         """Commit step `step` without changing any record (a non-finite step skipped by policy)."""
-        if self.store.committed_step == step:
+        if self.disk.committed_step == step:
             return step
         self.store.discard_staged()
-        if self.store.pending is not None:
+        if self.disk.pending is not None:
             raise RunStateError(f"step {step} cannot be skipped: some of its units are already updated")
         self.store.commit(step, dict(meta))
+        self._count_step_io(step)
         return step
 
     def pending(self) -> tuple[int, list[int], dict[str, Any]] | None:
         """(step, units already updated, the step's inputs key) of a partly published step, else None."""
-        pending = self.store.pending
+        pending = self.disk.pending
         if pending is None:
             return None
         units = sorted(
@@ -142,27 +174,34 @@ class SSDIOActor:
     def rollback(self) -> int:
         """Forget what the abandoned attempt staged (published units stay); returns the committed step."""
         self.store.discard_staged()
-        return self.store.committed_step
+        return self.disk.committed_step
 
     def discard_staged(self) -> None:
         self.store.discard_staged()
 
+    def flush(self) -> int:
+        """Write the host cache back to SSD (write-back; between steps); returns the step durable on SSD."""
+        with self._io(), self.timeline.span("ssd write", "flush"):
+            return self.store.flush()
+
     def reserve(self, nbytes: int) -> int:
         """Refuse (StoreFullError) to start a step that needs `nbytes` more than the SSDs have free."""
-        free = self.store.free_bytes()
+        free = self.disk.free_bytes()
         if free < nbytes:
             raise StoreFullError(
-                f"{', '.join(str(d.parent) for d in self.store.dirs)}: {format_size(free)} free, but the "
+                f"{', '.join(str(d.parent) for d in self.disk.dirs)}: {format_size(free)} free, but the "
                 f"next step needs {format_size(nbytes)} of scratch space; free space or add a directory "
-                f"to ssd.paths, then re-run to resume from step {self.store.committed_step}"
+                f"to ssd.paths, then re-run to resume from step {self.disk.committed_step}"
             )
         return free
 
     def checkpoint(self, meta: Mapping[str, Any], keep: int) -> str:
-        """Checkpoint the committed step (hard links: no copy), then keep the newest `keep`."""
+        """Checkpoint the committed step (hard links: no copy), then keep the newest `keep`. A write-back
+        cache is flushed first: a checkpoint holds only records on SSD."""
         with self._io():
-            info = take_checkpoint(self.store, meta)
-            prune_checkpoints([d.parent for d in self.store.dirs], keep)
+            self.store.flush()
+            info = take_checkpoint(self.disk, meta)
+            prune_checkpoints([d.parent for d in self.disk.dirs], keep)
         self.log.info("checkpoint %s (%s of records)", info.name, format_size(info.nbytes))
         return info.name
 
@@ -172,10 +211,10 @@ class SSDIOActor:
     # ------------------------------------------------------------------------------ set-up and queries
 
     def committed(self) -> tuple[int, dict[str, Any]]:
-        return self.store.committed_step, dict(self.store.manifest.meta)
+        return self.disk.committed_step, dict(self.disk.manifest.meta)
 
     def initialize(self, seed: int, param_dtype: str, meta: Mapping[str, Any]) -> int:
-        """Write a fresh model's records unit by unit, commit them as step 0.
+        """Write a fresh model's records unit by unit to SSD, commit them as step 0 (durable).
 
         Working memory: one unit's fp32 weights plus one aligned staging buffer of the same size.
         """
@@ -195,7 +234,7 @@ class SSDIOActor:
                     view.copy_(master)
                 else:
                     view.zero_()
-                self.store.write_from(
+                self.disk.write_from(
                     record_name(unit.index, kind),
                     memoryview(staging),
                     dtype=dtype,
@@ -203,22 +242,41 @@ class SSDIOActor:
                     version=0,
                 )
             del master
-        self.store.commit(0, meta)
-        return self.store.stored_bytes()
+        self.disk.commit(0, {**meta, "durable_step": 0})
+        self._io_marks = (self.disk.bytes_read, self.disk.bytes_written)
+        return self.disk.stored_bytes()
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """A copy of a record as a tensor (for inspection, export and tests; not on the hot path)."""
-        rec = self.store.record(name)
+        rec = self.disk.record(name)
         buf = aligned_buffer(rec.nbytes)
         self.store.read_into(name, memoryview(buf))
         return torch.frombuffer(buf, dtype=torch.uint8)[: rec.nbytes].view(DTYPES[rec.dtype]).clone()
 
     def stats(self) -> dict[str, int]:
+        """SSD bytes read and written since this actor started (`bytes_*`), SSD bytes per step (the median
+        over the steps it committed: a step after a start reads a cold cache, and flushes come on top),
+        bytes on SSD, and the host cache's figures (fuyou_ray/cache.py)."""
+        per_step = list(self.step_io.values())
         return {
-            "bytes_read": self.store.bytes_read,
-            "bytes_written": self.store.bytes_written,
-            "bytes_stored": self.store.stored_bytes(),
+            "bytes_read": self.disk.bytes_read,
+            "bytes_written": self.disk.bytes_written,
+            "bytes_stored": self.disk.stored_bytes(),
+            "ssd_read_per_step": int(statistics.median_low(r for r, _ in per_step)) if per_step else 0,
+            "ssd_written_per_step": int(statistics.median_low(w for _, w in per_step)) if per_step else 0,
+            **self.store.stats(),
         }
+
+    def io_per_step(self) -> dict[int, tuple[int, int]]:
+        """SSD bytes (read, written) between the previous commit and the commit of each step."""
+        return dict(self.step_io)
+
+    def _count_step_io(self, step: int) -> None:
+        now = (self.disk.bytes_read, self.disk.bytes_written)
+        self.step_io[step] = (now[0] - self._io_marks[0], now[1] - self._io_marks[1])
+        self._io_marks = now
+        if len(self.step_io) > 10_000:
+            del self.step_io[min(self.step_io)]
 
     def drain_timeline(self) -> list[Span]:
         return self.timeline.drain()
@@ -227,7 +285,7 @@ class SSDIOActor:
         return self.memory.report()
 
     def reset_memory_baseline(self) -> None:
-        self.store.warm_up()
+        self.disk.warm_up()
         self.memory.reset()
 
     @contextlib.contextmanager
@@ -246,11 +304,23 @@ class SSDIOActor:
 
     def shutdown(self) -> None:
         """Refuse new I/O, let the calls in flight finish, delete what an unfinished step staged (it would
-        be deleted at the next start anyway: no temporary file outlives the run), release the store."""
+        be deleted at the next start anyway: no temporary file outlives the run), flush a write-back cache
+        (what was committed and published becomes durable on SSD) and remove its files, release the
+        store."""
         with self._idle:
             self._closing = True
             self._idle.wait_for(lambda: self._inflight == 0, timeout=30)
         with contextlib.suppress(Exception):
             self.store.discard_staged()
+        if self.store.spec.write_back:
+            try:
+                self.store.flush()
+            except Exception:
+                self.log.exception(
+                    "could not flush the host cache to SSD; a re-run resumes from step %d",
+                    self.store.durable_step,
+                )
+        self.store.remove_files()
         self.ring.close()
         self.store.close()
+        self.disk.close()

@@ -231,6 +231,11 @@ class RuntimeConfig:
     `hang_timeout_s` counts as hung: its busy actors are restarted. `on_nonfinite` says what a NaN/inf
     loss or gradient does: `stop` the run (exit code 5), or `skip` the step (weights unchanged; needs
     optimizer.max_grad_norm > 0, which checks every gradient before the first update).
+    `cpu_cache: auto` keeps in host memory what fits in budgets.cpu_mem beyond the ring (optimizer state,
+    then the gradient log, then params: fuyou_ray/plan.py), cutting SSD traffic; `off` keeps everything on
+    SSD. Cached records are written back to SSD every `cache_flush_every` commits (and at checkpoints, at
+    the end and when stopped); a killed driver resumes from the last flush. `cache_write_through: true`
+    writes them to SSD at every step instead (durable at every commit; the cache then saves the reads).
     `data_parallel: N` runs N pipelines, each on 1/N of the global batch (docs: README, Data parallelism).
     """
 
@@ -243,6 +248,9 @@ class RuntimeConfig:
     hang_timeout_s: float = 600.0
     on_nonfinite: Literal["stop", "skip"] = "stop"
     ray_num_cpus: int = 0
+    cpu_cache: Literal["auto", "off"] = "auto"
+    cache_write_through: bool = False
+    cache_flush_every: int = 50
     # Pipelines (GPU compute + SSD I/O + optimizer pool each, one per GPU) that split every step's batch;
     # gradients are summed across them and each holds 1/N of the optimizer state (fuyou_ray/parallel/).
     data_parallel: int = 1
@@ -440,6 +448,11 @@ def _validate(cfg: RunConfig) -> None:
     require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", "must be >= 0")
     require(cfg.runtime.restart_window_s > 0, "runtime.restart_window_s", "must be > 0 seconds")
     require(cfg.runtime.hang_timeout_s >= 0, "runtime.hang_timeout_s", "must be >= 0 seconds (0 = never)")
+    require(
+        cfg.runtime.cache_flush_every >= 0,
+        "runtime.cache_flush_every",
+        "must be >= 0 steps (0 = flush the host cache only at checkpoints, the end and stops)",
+    )
     require(
         cfg.runtime.on_nonfinite == "stop" or o.max_grad_norm > 0,
         "runtime.on_nonfinite",

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fuyou_ray.cache import CacheArea, cache_prefix
 from fuyou_ray.config import NEOX_ONLY_FIELDS, ModelConfig, RunConfig, format_size, save_config
 from fuyou_ray.data import TokenDataset
 from fuyou_ray.errors import RunStateError
@@ -27,7 +28,7 @@ from fuyou_ray.memory import MemoryMeter
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.observer import build_observer
 from fuyou_ray.optim import AdamWStep, learning_rate
-from fuyou_ray.plan import Plan, check_ssd_space, make_plan
+from fuyou_ray.plan import Plan, cache_bytes, check_ssd_space, make_plan
 from fuyou_ray.ring import Ring, make_spec, remove_stale_segments
 from fuyou_ray.schedule import StepInputs, build_eval, build_step
 from fuyou_ray.store import check_ssd_path, step_scratch_bytes
@@ -91,6 +92,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
     remove_stale_segments()
     with (
         Ring(make_spec(plan.slot_bytes, plan.num_slots)) as ring,
+        CacheArea(cache_prefix(ring.spec), cache_bytes(spec, plan)),  # host cache files: removed last
         build_executor(executor or cfg.runtime.executor, ActorSetup(cfg, plan, ring.spec)) as ex,
         run_guard(on_signal=ring.close),  # after ray.init, which sets its own: SIGTERM unwinds like Ctrl-C
     ):
@@ -120,6 +122,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
                     meta = {"data_step": record.step, "seed": cfg.seed, "data_seed": cfg.data.seed}
                     supervisor.query(record.step, "ssd", "checkpoint", meta, cfg.checkpoint.keep)
         final = result.final_step
+        supervisor.query(final, "ssd", "flush")  # a write-back host cache: the end is durable on SSD
         reports = [*(supervisor.query(final, role, "memory_report") for role in ex.roles), meter.report()]
         result.memory = [r.__dict__ | {"peak_above_baseline": r.peak_above_baseline} for r in reports]
         result.io = supervisor.query(final, "ssd", "stats")
@@ -195,8 +198,16 @@ def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, run_di
 
 def restore_last_metrics(ex: Executor, path: Path, committed: int) -> None:
     """A run killed between a commit and the metrics line of that step resumes after the step: write the
-    missing line from what the commit recorded, so metrics.jsonl has one line per committed step."""
+    missing line from what the commit recorded, so metrics.jsonl has one line per committed step. A run
+    that resumes from an earlier step (a write-back host cache lost with a killed driver: the store went
+    back to its last durable step) drops the lines of the steps it will run again."""
     lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line and json.loads(line).get("step", 0) <= committed]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        lines = kept
     last = json.loads(lines[-1])["step"] if lines else 0
     if committed != last + 1 or committed == 0:
         return

@@ -45,12 +45,18 @@ def construct(role: str, setup: ActorSetup) -> tuple[type, tuple[Any, ...]]:
     from actors.cpu_optimizer import CPUOptimizerActor
     from actors.gpu_compute import GPUComputeActor
     from actors.ssd_io import SSDIOActor
+    from fuyou_ray.cache import cache_spec
 
     cfg, plan = setup.config, setup.plan
     if role == "gpu":
         return GPUComputeActor, (cfg.model, setup.ring, plan.device, plan.param_dtype)
     if role == "ssd":
-        return SSDIOActor, (cfg.ssd, setup.ring, cfg.model)
+        return SSDIOActor, (
+            cfg.ssd,
+            setup.ring,
+            cfg.model,
+            cache_spec(plan, setup.ring, cfg.runtime.cache_flush_every),
+        )
     if role.startswith("opt"):
         return CPUOptimizerActor, (setup.ring, int(role[3:]), plan.optimizer_threads)
     raise ValueError(f"unknown actor role {role!r}")

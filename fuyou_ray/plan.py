@@ -82,6 +82,8 @@ class Plan:
     cpu_cached_params   units whose params P live in host memory between steps: never read from or
                         written to SSD during a step (the optimizer writes the new P into the cache)
     cpu_cached_state    units whose fp32 master weights and Adam moments live in host memory
+                        (`make_plan` fills both from cpu_mem beyond the ring, see `fill_cache`;
+                        fuyou_ray/cache.py implements them)
     gpu_resident_params units whose params stay on the device across steps (the optimizer's new P is
                         copied in once per step instead of twice, and never read from SSD)
     cache_write_through cached state and params are also written to SSD every step (durable at every
@@ -249,7 +251,7 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
     threads = cfg.runtime.optimizer_threads or max(1, (cpus - 2) // actors)
 
     ssd_needed = ssd_bytes_needed(spec, dtype_bytes, cfg.optimizer.max_grad_norm > 0)
-    return Plan(
+    plan = Plan(
         device=device,
         param_dtype=param_dtype,
         slot_bytes=slot_bytes,
@@ -264,6 +266,74 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
         ssd_queue_depth=cfg.ssd.io_threads,
         cpu_bytes_needed=(num_slots + WORKING_SLOTS) * slot_bytes,
     )
+    if cfg.runtime.cpu_cache == "auto":
+        plan = fill_cache(plan, spec, cfg.budgets.cpu_mem, write_through=cfg.runtime.cache_write_through)
+    return plan
+
+
+def cache_bytes(spec: ModelSpec, plan: Plan) -> int:
+    """Peak host bytes of the plan's cache (fuyou_ray/cache.py holds what the SSD store would hold):
+    - cached optimizer state: 12 B/param (fp32 master, Adam m, v), plus the new versions of the units in
+      flight (written, not yet published: up to num_slots / 4 + 2 units, the largest cached ones);
+    - cached params: twice (the new version and the old one, which stays until the commit because a
+      replay of the step runs forward and backward on it again);
+    - the gradient log (grad_log "cpu"): 4 B/param of every unit, from the first backward to the commit.
+    Each record is padded to 4 KiB."""
+    pb = _itemsize(plan.param_dtype)
+    state = sorted((3 * align_up(spec.units[u].numel * 4) for u in plan.cpu_cached_state), reverse=True)
+    in_flight = sum(state[: plan.num_slots // 4 + 2])
+    params = sum(2 * align_up(spec.units[u].numel * pb) for u in plan.cpu_cached_params)
+    grads = sum(align_up(u.numel * 4) for u in spec.units) if plan.grad_log_tier == "cpu" else 0
+    return sum(state) + in_flight + params + grads
+
+
+def fill_cache(plan: Plan, spec: ModelSpec, cpu_mem: int, *, write_through: bool = False) -> Plan:
+    """`plan` with its host cache filled greedily from what `cpu_mem` leaves beyond the ring and the
+    working buffers (`plan.cpu_bytes_needed`), in order of SSD bytes saved per byte of memory:
+
+    1. optimizer state, unit by unit from the last: 12 B/param read and 12 B/param written per step on
+       SSD (write-back; write-through saves the reads only), for 12 B/param plus the units in flight;
+    2. the gradient log, with exact clipping (all units or none): 4 B/param written and read back, for
+       4 B/param;
+    3. params, unit by unit from the last: P read twice (forward, backward) and written once, for 2 P
+       (the old version stays until the commit).
+    A unit that does not fit is skipped and the next one tried. `cpu_bytes_needed` then counts the cache
+    (`cache_bytes`); write-back also needs a second copy of the state on SSD at a flush (the snapshot of
+    the previous flush stays until the new one is complete), which `ssd_bytes_needed` then counts.
+    """
+    base = plan.cpu_bytes_needed
+    budget = cpu_mem - base
+    order = range(spec.num_units - 1, -1, -1)
+    current = replace(plan, cache_write_through=write_through)
+
+    def fits(candidate: Plan) -> bool:
+        return cache_bytes(spec, candidate) <= budget
+
+    for u in order:
+        trial = replace(current, cpu_cached_state=tuple(sorted((*current.cpu_cached_state, u))))
+        if fits(trial):
+            current = trial
+    if plan.exact_clipping:
+        trial = replace(current, grad_log="cpu")
+        if fits(trial):
+            current = trial
+    for u in order:
+        trial = replace(current, cpu_cached_params=tuple(sorted((*current.cpu_cached_params, u))))
+        if fits(trial):
+            current = trial
+    cached = cache_bytes(spec, current)
+    if not cached:
+        return plan
+    ssd = current.ssd_bytes_needed
+    if not write_through and (current.cpu_cached_state or current.cpu_cached_params):
+        ssd += sum(
+            align_up(u.numel * _itemsize(plan.param_dtype)) + 3 * align_up(u.numel * 4) for u in spec.units
+        )
+    return replace(current, cpu_bytes_needed=base + cached, ssd_bytes_needed=ssd)
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype in ("bfloat16", "float16") else 4
 
 
 def check_ssd_space(cfg: RunConfig, plan: Plan) -> None:

@@ -95,6 +95,11 @@ class StoreBusyError(StoreError, StoreLockedError):
     """Another live process owns the store."""
 
 
+class RecordInMemoryError(StoreError):
+    """A record's bytes live only in the run's host-memory cache (write-back; see fuyou_ray/cache.py), which
+    this reader does not have: the running (or crashed) run's SSD actor owns them."""
+
+
 class RecordState(enum.Enum):
     """STAGED: written by this process, not durable. PUBLISHED: durable as part of the step in progress
     (journal). COMMITTED: part of the last committed step (manifest). Legal moves: STAGED -> PUBLISHED ->
@@ -126,6 +131,9 @@ class TensorRecord:
     state: RecordState = RecordState.STAGED
     transient: bool = False  # e.g. a step's gradient log: never part of a committed manifest
     chunk_bytes: int = CHUNK_BYTES  # the chunking of chunk_crcs (the store may reopen with another)
+    # The bytes live only in the run's host-memory cache (write-back, fuyou_ray/cache.py): no files, no
+    # checksums here. Until a flush writes them to SSD such a record is durable only while the cache lives.
+    in_memory: bool = False
 
     @property
     def padded_nbytes(self) -> int:
@@ -152,6 +160,7 @@ class TensorRecord:
             state=RecordState(d["state"]),
             transient=d.get("transient", False),
             chunk_bytes=d.get("chunk_bytes", CHUNK_BYTES),
+            in_memory=d.get("in_memory", False),
         )
 
 
@@ -232,11 +241,8 @@ class SSDTensorStore:
             self._lock = threading.Lock()  # guards the record maps
             self._meta_lock = threading.Lock()  # serialises journal and manifest writes
             self._staged: dict[str, TensorRecord] = {}
-            self.manifest = self._load_manifest()
             self.journal = Journal(self.dirs[0] / JOURNAL)
-            self._pending = self._load_journal()
-            self._check_files()
-            self._remove_unreferenced_files()
+            self._open_metadata()
         except BaseException:
             self._store_lock.release()
             raise
@@ -256,6 +262,19 @@ class SSDTensorStore:
         check_ssd_path(path)
         (path / STORE_DIR).mkdir(parents=True, exist_ok=True)
         return path / STORE_DIR
+
+    def _open_metadata(self) -> None:
+        self.manifest = self._load_manifest()
+        self._pending = self._load_journal()
+        self._check_files()
+        self._remove_unreferenced_files()
+
+    def reload(self) -> None:
+        """Read the manifest and journal again after they were replaced on disk under this store's lock
+        (fuyou_ray/durable.py restores a durable snapshot this way); drops what this process staged."""
+        self.discard_staged()
+        with self._meta_lock, self._lock:
+            self._open_metadata()
 
     def _load_manifest(self) -> Manifest:
         path = self.dirs[0] / MANIFEST
@@ -312,6 +331,7 @@ class SSDTensorStore:
             self._check_record_files(rec, self.journal.path)
 
     def _check_record_files(self, rec: TensorRecord, source: Path) -> None:
+        # (An in-memory record has no stripes: its owner, fuyou_ray/cache.py, checks its cache file.)
         for k, stripe in enumerate(rec.stripes):
             file = self.dirs[stripe.directory] / rec.file_name(k)
             if not file.exists() or file.stat().st_size < stripe.nbytes:
@@ -402,7 +422,7 @@ class SSDTensorStore:
                     for n, r in self.manifest.records.items()
                     if n in self._pending.records and n not in self._pending.keep
                 }
-        return sum(r.padded_nbytes for key, r in recs.items() if key not in superseded)
+        return sum(r.padded_nbytes for key, r in recs.items() if key not in superseded and not r.in_memory)
 
     def free_bytes(self) -> int:
         """Free bytes over the store's directories (each filesystem counted once)."""
@@ -419,6 +439,101 @@ class SSDTensorStore:
         """(record, stripe index, path) of every file of the committed step (for checkpoints)."""
         with self._lock:
             recs = list(self.manifest.records.values())
+        _refuse_in_memory(recs, self.manifest.step)
+        return [
+            (rec, k, self.dirs[s.directory] / rec.file_name(k))
+            for rec in recs
+            for k, s in enumerate(rec.stripes)
+        ]
+
+    # ------------------------------------------------- hooks of the host-memory cache (fuyou_ray/cache.py)
+
+    def durable_records(self) -> list[TensorRecord]:
+        """The records a reopened store would read: the committed ones not superseded by a published one,
+        plus the published ones."""
+        with self._lock:
+            pending = self._pending
+            out = [
+                rec
+                for name, rec in self.manifest.records.items()
+                if pending is None or name not in pending.records or name in pending.keep
+            ]
+            if pending is not None:
+                out += pending.records.values()
+        return out
+
+    def live_versions(self) -> set[tuple[str, int]]:
+        """(name, version) of every record still needed: durable (see `durable_records`) or staged."""
+        with self._lock:
+            staged = list(self._staged.values())
+        return {(r.name, r.version) for r in [*self.durable_records(), *staged]}
+
+    def stage_in_memory(
+        self, name: str, *, dtype: str, numel: int, version: int, transient: bool = False
+    ) -> TensorRecord:
+        """Stage version `version` of `name` whose bytes the caller keeps in host memory (no SSD I/O). It is
+        published and committed like any record; its manifest entry says `in_memory`."""
+        nbytes = numel * _itemsize(dtype)
+        rec = TensorRecord(name, dtype, numel, nbytes, version, (), (), transient=transient, in_memory=True)
+        with self._lock:
+            previous = self._staged.pop(name, None)
+            self._staged[name] = rec
+        if previous is not None:
+            self._delete_files(previous)
+        return rec
+
+    def relocate_staged(self, meta_update: Mapping[str, Any]) -> int:
+        """Make the staged SSD copies of durable in-memory records (same name and version, written by
+        `write_from`) the durable ones: the journal and then the manifest are rewritten (same step, meta
+        updated by `meta_update`). Returns how many records moved to SSD. A crash in between leaves each
+        file valid on its own (one names the new SSD files, the other still the in-memory versions)."""
+        with self._meta_lock:
+            with self._lock:
+                moved = {
+                    (n, r.version): replace(r, state=RecordState.COMMITTED)
+                    for n, r in self._staged.items()
+                    if not r.in_memory and not r.transient
+                }
+                pending = self._pending
+                manifest = self.manifest
+
+                def swap(rec: TensorRecord) -> TensorRecord:
+                    new = moved.get((rec.name, rec.version))
+                    return replace(new, state=rec.state) if rec.in_memory and new is not None else rec
+
+                records = {n: swap(r) for n, r in manifest.records.items()}
+                published = {n: swap(r) for n, r in pending.records.items()} if pending else {}
+                used = {(r.name, r.version) for r in [*records.values(), *published.values()]}
+                count = sum(
+                    1
+                    for r in [*manifest.records.values(), *(pending.records.values() if pending else [])]
+                    if r.in_memory and (r.name, r.version) in moved
+                )
+            if pending is not None:
+                entries = self.journal.load()
+                for e in entries:
+                    e["records"] = [
+                        swap(TensorRecord.from_json(r)).to_json() if r.get("in_memory") else r
+                        for r in e["records"]
+                    ]
+                self._sync_dirs()
+                self.journal.rewrite(entries)
+            new = Manifest(step=manifest.step, records=records, meta={**manifest.meta, **meta_update})
+            self._sync_dirs()
+            self._write_manifest(new)
+            with self._lock:
+                self.manifest = new
+                if pending is not None:
+                    pending.records.update(published)
+                for name, rec in list(self._staged.items()):
+                    if (name, rec.version) in used and not rec.in_memory:
+                        del self._staged[name]
+        return count
+
+    def durable_files(self) -> list[tuple[TensorRecord, int, Path]]:
+        """(record, stripe index, path) of every file of `durable_records` (for durable snapshots)."""
+        recs = self.durable_records()
+        _refuse_in_memory(recs, self.manifest.step)
         return [
             (rec, k, self.dirs[s.directory] / rec.file_name(k))
             for rec in recs
@@ -465,6 +580,10 @@ class SSDTensorStore:
                 yield k, stripe.offset + pos, pos, size
                 pos += size
 
+    def durable_version(self, name: str, version: int) -> TensorRecord | None:
+        """The published or committed record `name` at exactly `version`, if there is one."""
+        return self._durable_version(name, version)
+
     def _durable_version(self, name: str, version: int) -> TensorRecord | None:
         """The published or committed record `name` at exactly `version`, if there is one."""
         with self._lock:
@@ -489,7 +608,7 @@ class SSDTensorStore:
         repeated call never touches a durable file.
         """
         durable = self._durable_version(name, version)
-        if durable is not None and not transient:
+        if durable is not None and not transient and not durable.in_memory:
             return durable
         itemsize = _itemsize(dtype)
         nbytes = numel * itemsize
@@ -558,6 +677,8 @@ class SSDTensorStore:
     def read_into(self, name: str, dest: memoryview) -> TensorRecord:
         """Read `record(name)` into `dest` (which must cover the padded size), verifying its checksums."""
         rec = self.record(name)
+        if rec.in_memory:
+            _refuse_in_memory([rec], self.manifest.step)
         if dest.nbytes < rec.padded_nbytes:
             raise ValueError(f"{name}: destination of {dest.nbytes} B < {rec.padded_nbytes} B (padded)")
         dest = dest.cast("B")[: rec.padded_nbytes]
@@ -788,6 +909,16 @@ def step_scratch_bytes(
     grads = sum(align_up(n * 4) for n in unit_numels) if clipping else 0
     largest = max((align_up(n * param_itemsize) + 3 * align_up(n * 4) for n in unit_numels), default=0)
     return params + grads + units_in_flight * largest
+
+
+def _refuse_in_memory(records: Sequence[TensorRecord], step: int) -> None:
+    held = [r.name for r in records if r.in_memory]
+    if held:
+        raise RecordInMemoryError(
+            f"{held[0]} (and {len(held) - 1} more) of step {step} lived only in the run's host-memory cache "
+            "(runtime.cpu_cache, write-back): run `fuyou-ray train` with the run's config to bring the "
+            "store back to its last durable step (its SSD actor restores it), then read it"
+        )
 
 
 def _is_record_file(name: str) -> bool:

@@ -25,7 +25,9 @@ def tiny_config(tmp: Path, **sections: Any) -> RunConfig:
         "batch": {"global_batch": 8, "micro_batch": 4, "seq_len": 32},
         "budgets": {"gpu_mem": "1GiB", "cpu_mem": "16MiB"},
         "ssd": {"paths": [str(tmp / "ssd")]},
-        "runtime": {"device": "cpu", "optimizer_actors": 2, "optimizer_threads": 1},
+        # The host cache (runtime.cpu_cache: auto, the default) has its own suite, tests/test_cache.py; the
+        # others test the SSD path they were written for (steps that read and write the SSD).
+        "runtime": {"device": "cpu", "optimizer_actors": 2, "optimizer_threads": 1, "cpu_cache": "off"},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(tree.get(key), dict):

@@ -1,0 +1,536 @@
+"""The host-memory cache: records the plan keeps in CPU memory instead of reading and writing them on SSD.
+
+The plan (fuyou_ray/plan.py) names the units whose optimizer state (fp32 master weights, Adam moments) and
+params live in host memory, and whether the step's gradient log does; `CacheSpec` carries that to the SSD
+actor, whose `CachedStore` puts those records in a `HostCache`: one file per record version in /dev/shm,
+`<ring name>-cache-<record>.v<version>`. The files belong to the run, not to an actor: a restarted SSD
+actor finds them again (the cache survives kill -9 of any actor), and since they are named like the ring's
+segments (after the driver's pid) the next start removes those of a dead driver, like the ring's. The
+driver's `CacheArea` checks /dev/shm has room for them and removes them when the run ends.
+
+`CachedStore` is the `TensorStore` the SSD actor uses. Records stay records: the SSD store's manifest and
+journal (on SSD) keep saying which version of each record a step reads, publishes and commits, so a step
+interrupted by an actor crash is replayed exactly as without the cache. Only where the bytes are changes:
+- a read of a cached record copies its version from the cache file into the ring slot (no SSD read);
+- a write puts the new version in a new cache file (written aside, then renamed: never torn, and the
+  committed version is never overwritten in place) and
+  - write-through (`runtime.cache_write_through`): also writes it to SSD as without the cache, so every
+    commit stays durable on SSD; the cache saves the reads;
+  - write-back: stages it in the store as an `in_memory` record (no SSD bytes). The store's manifest
+    then names versions that exist only in /dev/shm, so `flush` (every `runtime.cache_flush_every`
+    commits, before each checkpoint, at the end of the run and when it is stopped) writes them to SSD,
+    makes the manifest name those files, and snapshots the store (fuyou_ray/durable.py). A driver killed
+    between flushes (or a machine crash) loses the cache: the next start restores the last snapshot and
+    the run resumes from its step, bit-identically (the batch of a step depends only on the seeds and
+    the step). The manifest's meta says which step is durable on SSD (`durable_step`).
+A cache file lives as long as the store still needs its version (`SSDTensorStore.live_versions`), so the
+cache holds what the SSD would: the state, plus the old params until the commit (a replay reads them),
+plus the new versions of the units in flight.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fuyou_ray import durable
+from fuyou_ray.records import OPTIMIZER_STATE, RecordKind, record_name
+from fuyou_ray.ring import SHM_DIR, RingSpec, _shm_free_bytes
+from fuyou_ray.store import (
+    CHUNK_BYTES,
+    Manifest,
+    PendingStep,
+    SSDTensorStore,
+    StoreError,
+    TensorRecord,
+    _itemsize,
+    align_up,
+)
+
+log = logging.getLogger(__name__)
+
+TMP = ".tmp"
+
+
+class CacheError(StoreError):
+    """The host cache cannot hold a record (/dev/shm full), or lost one the store still needs."""
+
+
+def cache_prefix(ring: RingSpec) -> str:
+    """The cache files' name prefix: the ring's name (`fuyou-ring-<driver pid>-<id>`) + `-cache`."""
+    return f"{ring.name}-cache"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the plan keeps in host memory, as the SSD actor receives it (small, picklable)."""
+
+    prefix: str = ""  # file names in /dev/shm start with it ("" = no cache)
+    state_units: tuple[int, ...] = ()  # units whose fp32 master weights and Adam moments are cached
+    param_units: tuple[int, ...] = ()  # units whose compute-dtype params are cached
+    grad_log: bool = False  # the step's gradient log (exact clipping) lives in host memory, not on SSD
+    write_through: bool = False
+    flush_every: int = 0  # write-back: flush every N commits (0: only at checkpoints, the end and stops)
+
+    def record_names(self, num_units: int) -> frozenset[str]:
+        """Every record the cache holds, for a model of `num_units` units."""
+        names = {record_name(u, kind) for u in self.state_units for kind in OPTIMIZER_STATE}
+        names |= {record_name(u, RecordKind.PARAM) for u in self.param_units}
+        if self.grad_log:
+            names |= {record_name(u, RecordKind.GRAD) for u in range(num_units)}
+        return frozenset(names)
+
+    @property
+    def write_back(self) -> bool:
+        """Durable records may live in host memory only (until a flush)."""
+        return bool(self.state_units or self.param_units) and not self.write_through
+
+
+def cache_spec(plan: Any, ring: RingSpec, flush_every: int) -> CacheSpec:
+    """The cache of `plan` (a fuyou_ray.plan.Plan) for the run whose ring is `ring`."""
+    return CacheSpec(
+        prefix=cache_prefix(ring),
+        state_units=tuple(plan.cpu_cached_state),
+        param_units=tuple(plan.cpu_cached_params),
+        grad_log=plan.grad_log_tier == "cpu",
+        write_through=bool(plan.cache_write_through),
+        flush_every=flush_every,
+    )
+
+
+class HostCache:
+    """The cache's files in /dev/shm: one per record version, written whole by `write` (aside, then
+    renamed into place), read by `read`, removed by `keep_only`. Copies run in `threads` threads
+    (`os.preadv`/`os.pwritev` release the GIL). Owns its thread pool; the files belong to the run."""
+
+    def __init__(self, prefix: str, threads: int = 4) -> None:
+        if not prefix:
+            raise ValueError("a host cache needs a name prefix")
+        self.prefix = prefix
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fuyou-cache")
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    def path(self, name: str, version: int) -> Path:
+        return SHM_DIR / f"{self.prefix}-{name}.v{version:08d}"
+
+    def has(self, name: str, version: int) -> bool:
+        return self.path(name, version).is_file()
+
+    def write(self, name: str, version: int, src: memoryview) -> None:
+        """Store `src` (the record's padded bytes) as version `version` of `name`."""
+        final = self.path(name, version)
+        tmp = final.with_name(f"{final.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
+        nbytes = src.nbytes
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+
+            def put(off: int, size: int) -> int:
+                view = src[off : off + size]
+                done = 0
+                while done < size:
+                    done += os.pwritev(fd, [view[done:]], off + done)
+                return size
+
+            self._run(put, nbytes, name)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        with self._lock:
+            self.bytes_written += nbytes
+
+    def read(self, name: str, version: int, dest: memoryview) -> bool:
+        """Copy version `version` of `name` into `dest`; False when the cache does not hold it."""
+        try:
+            fd = os.open(self.path(name, version), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            nbytes = os.fstat(fd).st_size
+            if dest.nbytes < nbytes:
+                raise ValueError(f"{name}: destination of {dest.nbytes} B < {nbytes} B cached")
+
+            def get(off: int, size: int) -> int:
+                view = dest[off : off + size]
+                done = 0
+                while done < size:
+                    got = os.preadv(fd, [view[done:]], off + done)
+                    if got == 0:
+                        raise CacheError(f"{name} v{version}: the cache file ends early")
+                    done += got
+                return size
+
+            self._run(get, nbytes, name)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.bytes_read += nbytes
+        return True
+
+    @contextlib.contextmanager
+    def mapped(self, name: str, version: int) -> Iterator[memoryview]:
+        """A read-only view of a cached version (for writing it to SSD without a copy)."""
+        path = self.path(name, version)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise CacheError(f"{name} v{version} is not in the host cache ({path})") from exc
+        try:
+            mm = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        view = memoryview(mm)
+        try:
+            yield view
+        finally:
+            # Unmapped at once, so a flush holds one record's pages mapped at a time. (After an error a
+            # traceback may still hold slices of the view; the mapping then goes with them.)
+            with contextlib.suppress(BufferError):
+                view.release()
+                mm.close()
+
+    def versions(self) -> dict[tuple[str, int], Path]:
+        """(name, version) -> path of every complete file; partial writes are not listed."""
+        out: dict[tuple[str, int], Path] = {}
+        start = len(self.prefix) + 1
+        for path in SHM_DIR.glob(f"{self.prefix}-*"):
+            if path.name.endswith(TMP):
+                continue
+            name, sep, version = path.name[start:].rpartition(".v")
+            if sep and version.isdigit():
+                out[(name, int(version))] = path
+        return out
+
+    def keep_only(self, keep: Collection[tuple[str, int]]) -> int:
+        """Delete every complete file whose (name, version) is not in `keep`; returns how many."""
+        doomed = [p for key, p in self.versions().items() if key not in keep]
+        for p in doomed:
+            p.unlink(missing_ok=True)
+        return len(doomed)
+
+    def remove_partial(self) -> None:
+        """Delete files a killed writer left half-written (call when no writer of this run is alive)."""
+        for path in SHM_DIR.glob(f"{self.prefix}-*{TMP}"):
+            path.unlink(missing_ok=True)
+
+    def stored_bytes(self) -> int:
+        total = 0
+        for p in self.versions().values():
+            with contextlib.suppress(FileNotFoundError):
+                total += p.stat().st_size
+        return total
+
+    def remove_all(self) -> None:
+        remove_files(self.prefix)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _run(self, fn: Any, nbytes: int, name: str) -> None:
+        futures: list[Future[int]] = [
+            self._pool.submit(fn, off, min(CHUNK_BYTES, nbytes - off))
+            for off in range(0, nbytes, CHUNK_BYTES)
+        ]
+        try:
+            for f in futures:
+                f.result()
+        except OSError as exc:
+            for f in futures:
+                f.cancel()
+            if exc.errno == errno.ENOSPC:
+                raise CacheError(
+                    f"/dev/shm is full: no room for {name} in the host cache; enlarge /dev/shm (docker "
+                    "--shm-size), lower budgets.cpu_mem or set runtime.cpu_cache: off. Committed state is "
+                    "intact."
+                ) from exc
+            raise CacheError(f"host cache I/O error on {name}: {exc}") from exc
+
+
+def remove_files(prefix: str) -> int:
+    """Delete every cache file (complete or partial) named with `prefix`; returns how many."""
+    n = 0
+    for path in SHM_DIR.glob(f"{prefix}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            n += 1
+    return n
+
+
+class CacheArea:
+    """The driver's side of a run's host cache (the files, not their contents).
+
+    Lifecycle: created beside the ring, once the plan is known - refuses (CacheError) when /dev/shm lacks
+    room for the planned cache -; `close()` (also on `with` exit and at interpreter exit) removes every
+    cache file left. It closes after the actors have stopped: a write-back SSD actor flushes the cache to
+    SSD on its way out. After kill -9 of the driver, the next start's `ring.remove_stale_segments()`
+    removes the files (they are named after the dead driver's pid).
+    """
+
+    def __init__(self, prefix: str, nbytes: int) -> None:
+        self.prefix = prefix
+        free = _shm_free_bytes()
+        if nbytes and free is not None and free < nbytes:
+            raise CacheError(
+                f"/dev/shm has {free / 2**20:.0f} MiB free but the planned host cache needs "
+                f"{nbytes / 2**20:.0f} MiB: enlarge /dev/shm (docker --shm-size), lower budgets.cpu_mem, or "
+                "set runtime.cpu_cache: off"
+            )
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        remove_files(self.prefix)
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> CacheArea:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CachedStore:
+    """The store of the SSD actor: an `SSDTensorStore` plus the host cache for the records `spec` names.
+
+    Owns the `HostCache` (not the `SSDTensorStore`, which the SSD actor opens and closes). Lifecycle:
+    constructed right after the SSD store is opened - if the store names in-memory versions that the
+    cache no longer holds (the driver was restarted), it restores the last durable snapshot first, and it
+    drops cache files the store no longer needs -; `read_into`/`write_from`/`publish`/`commit`/
+    `discard_staged` during steps; `flush()` writes back; `close()` stops its threads (the files stay for
+    the next actor or the driver). In write-back mode the first publication of a run that finds no
+    snapshot of the store's current state takes one (the first in-memory version must not become the
+    only copy of anything); other modes delete snapshots left by an earlier write-back run at their first
+    publication (they only hold space). Opening changes nothing on SSD unless it must restore, so a start
+    refused later (another model) leaves the run as it was. Thread-safe like the SSD store: the SSD actor
+    calls it from several threads at once.
+    """
+
+    def __init__(self, ssd: SSDTensorStore, spec: CacheSpec, num_units: int, threads: int = 4) -> None:
+        self.ssd = ssd
+        self.spec = spec
+        self.names = spec.record_names(num_units)
+        self.cache = HostCache(spec.prefix, threads) if spec.prefix and self.names else None
+        self._gc_lock = threading.Lock()
+        self._writing: set[tuple[str, int]] = set()
+        self._durable_lock = threading.Lock()
+        self.flushed_bytes = 0
+        self.restored: durable.DurableInfo | None = None
+        self.paths = [d.parent for d in ssd.dirs]
+        try:
+            if self.cache is not None:
+                self.cache.remove_partial()  # the store's lock is ours: no other writer is alive
+            lost = [r for r in ssd.durable_records() if r.in_memory and not self._cached(r.name, r.version)]
+            if lost:
+                gone = ssd.committed_step
+                self.restored = durable.restore(ssd)
+                log.warning(
+                    "step %d lived partly in a host cache that is gone (%s, ...): the store is back at the "
+                    "last durable step %d (%s); the run resumes from there",
+                    gone,
+                    lost[0].name,
+                    self.restored.step,
+                    self.restored.name,
+                )
+            snapshot = durable.latest(self.paths)
+            self._snapshot_step = snapshot.step if snapshot is not None else -1
+            # Whether the snapshots already suit this mode: in write-back, one covers what an in-memory
+            # version would replace (the store's state now, or the one before its in-memory versions).
+            self._snapshots_ok = (
+                self.restored is not None or self._holds_memory() or durable.matches(ssd)
+                if spec.write_back
+                else snapshot is None
+            )
+            self._collect()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------ the step's I/O
+
+    def read_into(self, name: str, dest: memoryview) -> TensorRecord:
+        return self.read(name, dest)[0]
+
+    def read(self, name: str, dest: memoryview) -> tuple[TensorRecord, bool]:
+        """Read the version a step reads of `name` into `dest`; returns it and whether the cache had it."""
+        rec = self.ssd.record(name)
+        held = rec.in_memory or name in self.names
+        if held and self.cache is not None and self.cache.read(name, rec.version, dest.cast("B")):
+            return rec, True
+        if rec.in_memory:
+            raise CacheError(
+                f"{name} v{rec.version} lives only in the host cache, which no longer holds it (was /dev/shm "
+                "cleared under the run?); re-run to resume from the last durable step"
+            )
+        return self.ssd.read_into(name, dest), False
+
+    def write_from(
+        self, name: str, src: memoryview, *, dtype: str, numel: int, version: int, transient: bool = False
+    ) -> TensorRecord:
+        """Stage `src` as version `version` of `name` (see the module docs for where the bytes go)."""
+        if name not in self.names or self.cache is None:
+            return self.ssd.write_from(
+                name, src, dtype=dtype, numel=numel, version=version, transient=transient
+            )
+        if not transient:
+            done = self.ssd.durable_version(name, version)
+            if done is not None:
+                return done  # a repeated write of a published or committed version changes nothing
+        padded = align_up(numel * _itemsize(dtype))
+        if src.nbytes < padded:
+            raise ValueError(f"{name}: source buffer of {src.nbytes} B is shorter than {padded} B (padded)")
+        key = (name, version)
+        with self._gc_lock:
+            self._writing.add(key)  # from now until staged, the collector leaves this version alone
+        try:
+            self.cache.write(name, version, src.cast("B")[:padded])
+            if self.spec.write_through and not transient:
+                return self.ssd.write_from(name, src, dtype=dtype, numel=numel, version=version)
+            return self.ssd.stage_in_memory(
+                name, dtype=dtype, numel=numel, version=version, transient=transient
+            )
+        finally:
+            with self._gc_lock:
+                self._writing.discard(key)
+
+    def publish(
+        self, step: int, names: Collection[str], meta: Mapping[str, Any], keep_previous: Collection[str] = ()
+    ) -> bool:
+        self._snapshots_before_change()
+        done = self.ssd.publish(step, names, meta, keep_previous)
+        if done:
+            self._collect()
+        return done
+
+    def commit(self, step: int, meta: Mapping[str, Any]) -> None:
+        """Commit step `step` (its meta gains `durable_step`: the step a crash of the whole machine would
+        go back to), then flush when one is due (write-back)."""
+        self._snapshots_before_change()
+        durable_step = self._snapshot_step if self.spec.write_back else step
+        self.ssd.commit(step, {**meta, "durable_step": durable_step})
+        self._collect()
+        if self.spec.write_back and self.spec.flush_every and step % self.spec.flush_every == 0:
+            self.flush()
+
+    def discard_staged(self) -> None:
+        self.ssd.discard_staged()
+        self._collect()
+
+    # ------------------------------------------------------------------------------ durability
+
+    @property
+    def durable_step(self) -> int:
+        """The step on SSD whole: the committed one, or with in-memory versions the last snapshot's."""
+        return self._snapshot_step if self._holds_memory() else self.ssd.committed_step
+
+    def flush(self) -> int:
+        """Write-back: write every durable in-memory version to SSD, make the manifest (and journal) name
+        those files, and snapshot the store; returns the step now durable on SSD. Call between steps, or
+        with the step's calls drained (nothing staged). A crash at any point leaves the previous snapshot
+        (or, once the manifest is rewritten, the store itself) durable."""
+        if not self.spec.write_back or self.ssd.committed_step < 0:
+            return self.ssd.committed_step
+        held = [r for r in self.ssd.durable_records() if r.in_memory]
+        if not held and durable.matches(self.ssd):
+            return self.ssd.committed_step
+        for rec in held:
+            if self.cache is None:
+                raise CacheError(f"{rec.name} v{rec.version} is in host memory, but this store has no cache")
+            with self.cache.mapped(rec.name, rec.version) as view:
+                self.ssd.write_from(rec.name, view, dtype=rec.dtype, numel=rec.numel, version=rec.version)
+            self.flushed_bytes += rec.padded_nbytes
+        step = self.ssd.committed_step
+        self.ssd.relocate_staged({"durable_step": step})
+        with self._durable_lock:
+            info = durable.take(self.ssd)
+            self._snapshot_step = step
+            self._snapshots_ok = True
+        log.info(
+            "flushed %d cached records (%.1f MiB) to SSD: step %d is durable (%s)",
+            len(held),
+            sum(r.padded_nbytes for r in held) / 2**20,
+            step,
+            info.name,
+        )
+        return step
+
+    def _snapshots_before_change(self) -> None:
+        """Before the first change of the durable state (see the class docs)."""
+        if self._snapshots_ok or self.ssd.committed_step < 0:
+            return  # (nothing durable yet: a new store's first commit is whole on SSD, SSDIOActor.initialize)
+        with self._durable_lock:
+            if self._snapshots_ok:
+                return
+            if self.spec.write_back:
+                durable.take(self.ssd)
+                self._snapshot_step = self.ssd.committed_step
+            else:
+                durable.remove_all(self.paths)
+                self._snapshot_step = -1
+            self._snapshots_ok = True
+
+    def _holds_memory(self) -> bool:
+        return any(r.in_memory for r in self.ssd.durable_records())
+
+    # ------------------------------------------------------------------------------ queries
+
+    @property
+    def committed_step(self) -> int:
+        return self.ssd.committed_step
+
+    @property
+    def pending(self) -> PendingStep | None:
+        return self.ssd.pending
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.ssd.manifest
+
+    def record(self, name: str) -> TensorRecord:
+        """The version a step reads (see SSDTensorStore.record)."""
+        return self.ssd.record(name)
+
+    def stored_bytes(self) -> int:
+        """Bytes on SSD (the cache's bytes: `stats()`)."""
+        return self.ssd.stored_bytes()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "cache_records": len(self.names),
+            "cache_bytes": self.cache.stored_bytes() if self.cache else 0,
+            "cache_bytes_read": self.cache.bytes_read if self.cache else 0,
+            "cache_bytes_written": self.cache.bytes_written if self.cache else 0,
+            "flushed_bytes": self.flushed_bytes,
+            "durable_step": self.durable_step,
+        }
+
+    def remove_files(self) -> None:
+        """Delete every cache file (the run is ending; after a flush they hold nothing the SSD lacks)."""
+        if self.cache is not None:
+            self.cache.remove_all()
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+    def _cached(self, name: str, version: int) -> bool:
+        return self.cache is not None and self.cache.has(name, version)
+
+    def _collect(self) -> None:
+        """Delete cache files whose version the store no longer needs (superseded, discarded)."""
+        if self.cache is None:
+            return
+        with self._gc_lock:
+            self.cache.keep_only(self.ssd.live_versions() | self._writing)
