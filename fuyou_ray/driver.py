@@ -31,7 +31,7 @@ from fuyou_ray.optim import AdamWStep, learning_rate
 from fuyou_ray.plan import Plan, cache_bytes, check_ssd_space, make_plan
 from fuyou_ray.ring import Ring, make_spec, remove_stale_segments
 from fuyou_ray.schedule import StepInputs, build_eval, build_step
-from fuyou_ray.store import check_ssd_path, step_scratch_bytes
+from fuyou_ray.store import MANIFEST, STORE_DIR, check_ssd_path, step_scratch_bytes
 from fuyou_ray.supervisor import Supervisor, run_guard, step_key
 from fuyou_ray.timeline import LANES, Span, busy_seconds
 
@@ -89,6 +89,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
     for path in cfg.ssd.paths:
         check_ssd_path(path)
     run_dir = prepare_run_dir(cfg)
+    check_store_model(cfg, plan)
     remove_stale_segments()
     with (
         Ring(make_spec(plan.slot_bytes, plan.num_slots)) as ring,
@@ -96,15 +97,16 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
         build_executor(executor or cfg.runtime.executor, ActorSetup(cfg, plan, ring.spec)) as ex,
         run_guard(on_signal=ring.close),  # after ray.init, which sets its own: SIGTERM unwinds like Ctrl-C
     ):
-        start = open_store(ex, cfg, plan, spec, run_dir)
+        supervisor = Supervisor(ex, cfg.runtime)  # restarts dead actors, replays the step in progress
+        # An actor that dies while the store is opened or initialised is restarted and the opening replayed.
+        start = supervisor.start(lambda: open_store(ex, cfg, plan, spec, run_dir))
         # Written only once the store has accepted this config: a refused start changes nothing.
         save_config(cfg, run_dir / "config.yaml")
-        restore_last_metrics(ex, run_dir / "metrics.jsonl", start)
+        supervisor.start(lambda: restore_last_metrics(ex, run_dir / "metrics.jsonl", start))
         (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
         result = TrainResult(str(run_dir), plan, start, start)
         last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         observer = build_observer(cfg, plan, run_dir, start, ex)
-        supervisor = Supervisor(ex, cfg.runtime)  # restarts dead actors, replays the step in progress
         with observer, open(run_dir / "metrics.jsonl", "a") as metrics:
             for step in range(start, last):
                 attempt = functools.partial(run_step, ex, supervisor, cfg, plan, spec, data, step)
@@ -184,16 +186,33 @@ def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, run_di
         nbytes = ex.get(ex.call("ssd", "initialize", cfg.seed, plan.param_dtype, fingerprint))
         log.info("initialised %s of weights and optimizer state on SSD", format_size(nbytes))
         return 0
+    check_fingerprint(cfg, meta, fingerprint)
+    if committed > cfg.steps:
+        raise RunStateError(f"the store is at step {committed}, beyond steps={cfg.steps}; raise steps")
+    log.info("resuming from committed step %d", committed)
+    return int(committed)
+
+
+def check_fingerprint(cfg: RunConfig, meta: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
+    """Refuse a store whose committed metadata `meta` is of another model, dtype or seed."""
     stored = meta.get("fingerprint", {k: meta.get(k) for k in fingerprint})
     if stored != fingerprint:
         raise RunStateError(
             f"the store in {cfg.ssd.paths[0]} holds a different model or dtype ({stored}) than this config "
             f"({fingerprint}); use a new run_dir/ssd.paths or the config the run started with"
         )
-    if committed > cfg.steps:
-        raise RunStateError(f"the store is at step {committed}, beyond steps={cfg.steps}; raise steps")
-    log.info("resuming from committed step %d", committed)
-    return int(committed)
+
+
+def check_store_model(cfg: RunConfig, plan: Plan) -> None:
+    """Refuse a store of another model before any process opens it. Opening a store deletes the record
+    files its manifest does not name (what a crash left staged), which under another model's manifest
+    would be this run's own records. A manifest that is missing or unreadable is left to the store."""
+    try:
+        meta = json.loads((Path(cfg.ssd.paths[0]) / STORE_DIR / MANIFEST).read_text())["meta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(meta, dict):
+        check_fingerprint(cfg, meta, model_fingerprint(cfg, plan))
 
 
 def restore_last_metrics(ex: Executor, path: Path, committed: int) -> None:

@@ -9,6 +9,12 @@ Health (used by fuyou_ray/supervisor.py): Ray restarts a dead actor without limi
 supervisor counts restarts and decides when to stop) and never retries a call (`max_task_retries=0`: the
 supervisor replays the whole step instead). `wait_step` watches a step's progress and restarts the actors
 of a hung step; `wait_alive` waits for restarted actors and reports one whose restart failed.
+
+Start-up and restarts fail the same way. A constructor (mapping the ring; the SSD actor opening the store)
+that raises leaves the actor dead - Ray does not restart it - and its error is raised here under its own
+name (`init_error`): a corrupted store stops a Ray run as it stops one in process. A process that dies
+while constructing is restarted by Ray; those restarts are counted while waiting (`on_restart`), so an
+actor that keeps dying in its constructor stops the run with RestartLimitError instead of looping.
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ import abc
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fuyou_ray.config import RunConfig
-from fuyou_ray.errors import ActorFailureError, FuyouError
+from fuyou_ray.errors import ActorFailureError, FuyouError, RestartLimitError
 from fuyou_ray.plan import Plan
 from fuyou_ray.ring import RingSpec
 from fuyou_ray.schedule import Ref, StepSchedule
@@ -136,13 +142,21 @@ class Executor(abc.ABC):
         by the actors' own code (the run stops with it)."""
         return False
 
-    def wait_alive(self, timeout_s: float, hang_timeout_s: float = 0.0) -> None:
-        """Wait until every actor answers again; ActorFailureError if one cannot be brought back. An actor
-        that is up but does not answer within hang_timeout_s (0 = no limit) is restarted."""
+    def wait_alive(
+        self,
+        timeout_s: float,
+        hang_timeout_s: float = 0.0,
+        on_restart: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        """Wait until every actor answers again; ActorFailureError (or the named error its constructor
+        raised) if one cannot be brought back. An actor that is up but does not answer within hang_timeout_s
+        (0 = no limit) is restarted. Restarts seen while waiting (an actor dying again in its constructor)
+        are passed to `on_restart` as they happen; it may raise to stop the wait."""
         return None
 
     def restarted_roles(self) -> list[str]:
-        """Roles restarted since the last call (a role twice if it restarted twice)."""
+        """Roles restarted since the last look, here or in `wait_alive` (a role twice if it restarted
+        twice); a restarted actor's memory baseline is taken again."""
         return []
 
     def pids(self) -> dict[str, int]:
@@ -229,17 +243,50 @@ class RayExecutor(Executor):
                 # Ray sets OMP_NUM_THREADS from num_cpus; the actor also sets torch's thread count itself.
                 options["num_cpus"] = pool_cpus
             self.handles[role] = ray.remote(cls).options(**options).remote(*args)
-        # Fail fast (with the actor's own error) if a constructor raised.
-        deadline = time.monotonic() + ready_timeout_s
+        self._restarts = dict.fromkeys(self.handles, 0)  # restarts seen so far, per role
+        self._unmeasured: set[str] = set()  # restarted roles whose memory baseline is still to be taken
+        self._started = False
         try:
-            for handle in self.handles.values():
-                ray.get(handle.__ray_ready__.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            self._wait_started(ready_timeout_s)
         except BaseException:
             self.shutdown(graceful=False)
             raise
-        # Memory is accounted from here: the workers have started their own threads and buffers.
-        ray.get([h.reset_memory_baseline.remote() for h in self.handles.values()])
-        self._restarts = self._restart_counts()
+        self._started = True
+
+    def _wait_started(self, timeout_s: float) -> None:
+        """Wait until every actor is constructed, then take each one's memory baseline. A process that
+        dies while starting is restarted by Ray up to runtime.max_restarts times in all; one more stops
+        the start with RestartLimitError (nothing has been written to the store yet)."""
+        limit = self.setup.config.runtime.max_restarts
+        died: list[str] = []
+
+        def count(roles: list[str]) -> None:
+            died.extend(roles)
+            if len(died) > limit:
+                who = ", ".join(sorted({display_name(r) for r in died}))
+                raise RestartLimitError(
+                    f"{len(died)} actor restarts while starting the run ({who}), more than "
+                    f"runtime.max_restarts = {limit}: the process dies in its constructor (importing torch, "
+                    "mapping the ring, opening the store; out of memory?). The store is untouched: see the "
+                    "actor's log in the Ray session's logs dir, fix the cause and re-run"
+                )
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.wait_alive(max(1.0, deadline - time.monotonic()), on_restart=count)
+            try:
+                # Memory is accounted from here: the workers have started their own threads and buffers.
+                refs = [h.reset_memory_baseline.remote() for h in self.handles.values()]
+                self.ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))
+            except self.ray.exceptions.RayActorError:
+                continue  # one died just after starting: wait for its restart
+            except self.ray.exceptions.GetTimeoutError as exc:
+                raise ActorFailureError(f"the run's actors did not start within {timeout_s:.0f} s") from exc
+            if new := self._new_restarts():
+                count(new)
+                continue
+            self._unmeasured.clear()
+            return
 
     def call(self, role: str, method: str, *args: Any) -> Any:
         return getattr(self.handles[role], method).remote(*args)
@@ -299,53 +346,76 @@ class RayExecutor(Executor):
             rex.OwnerDiedError,
             ActorHungError,
         )
+        final = tuple(_named_errors().values())
         seen: set[int] = set()
         current: BaseException | None = exc
         while current is not None and id(current) not in seen:
             if isinstance(current, transient):
                 return True
+            if isinstance(current, final) and not isinstance(current, rex.RayError):
+                # fuyou-ray's own verdict, e.g. the error a constructor raised, chained to the Ray error
+                # that carried it: final, not a failure to recover from.
+                return False
             seen.add(id(current))
             wrapped = getattr(current, "cause", None)
             current = wrapped if isinstance(wrapped, BaseException) else current.__cause__
         return False
 
-    def wait_alive(self, timeout_s: float, hang_timeout_s: float = 0.0) -> None:
-        from ray.exceptions import ActorDiedError, GetTimeoutError
+    def wait_alive(
+        self,
+        timeout_s: float,
+        hang_timeout_s: float = 0.0,
+        on_restart: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        from ray.exceptions import RayActorError
 
         deadline = time.monotonic() + timeout_s
         for role, handle in self.handles.items():
+            ready, since = handle.__ray_ready__.remote(), time.monotonic()
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ActorFailureError(
-                        f"{display_name(role)} did not come back within {timeout_s:.0f} s after a restart"
-                    )
-                try:
-                    wait = min(left, hang_timeout_s) if hang_timeout_s > 0 else left
-                    self.ray.get(handle.__ray_ready__.remote(), timeout=max(1.0, wait))
-                    break
-                except ActorDiedError as exc:
-                    raise ActorFailureError(
-                        f"{display_name(role)} died and could not be restarted: {_last_error_line(exc)}"
-                    ) from exc
-                except GetTimeoutError:
-                    # Restarting (importing, opening the store) takes its time; alive but silent is a hang.
-                    if self._actor_info(role).get("State") == "ALIVE":
-                        self.kill(role)
-                except self.ray.exceptions.RayActorError:
-                    time.sleep(0.2)  # unavailable while it restarts
+                if on_restart is not None and (new := self._new_restarts()):
+                    on_restart(new)
+                now = time.monotonic()
+                if now >= deadline:
+                    what = "came up" if self._started else "started"
+                    raise ActorFailureError(f"{display_name(role)} never {what} within {timeout_s:.0f} s")
+                done, _ = self.ray.wait([ready], timeout=min(self.TICK_S, deadline - now), fetch_local=False)
+                if done:
+                    try:
+                        self.ray.get(ready)
+                        break
+                    except RayActorError as exc:
+                        # A constructor that raised, or a death Ray will not restart, is final; otherwise
+                        # the actor died again while we waited and Ray is restarting it.
+                        if exc.actor_init_failed or self._actor_info(role).get("State") == "DEAD":
+                            raise init_error(role, exc, restart=self._started) from exc
+                        time.sleep(0.2)
+                        ready, since = handle.__ray_ready__.remote(), time.monotonic()
+                        continue
+                # Restarting (importing, opening the store) takes its time; alive but silent is a hang.
+                stuck = hang_timeout_s > 0 and time.monotonic() - since > hang_timeout_s
+                if stuck and self._actor_info(role).get("State") == "ALIVE":
+                    self.kill(role)
+                    ready, since = handle.__ray_ready__.remote(), time.monotonic()
 
     def restarted_roles(self) -> list[str]:
-        counts = self._restart_counts()
-        restarted = [
-            role for role, n in counts.items() for _ in range(max(0, n - self._restarts.get(role, 0)))
-        ]
-        self._restarts = counts
-        for role in dict.fromkeys(restarted):
+        restarted = self._new_restarts()
+        for role in sorted(self._unmeasured):
             # A restarted process measures its memory from its own start; warm its I/O threads first.
             with contextlib.suppress(Exception):
                 self.ray.get(self.handles[role].reset_memory_baseline.remote(), timeout=60)
+        self._unmeasured.clear()
         return restarted
+
+    def _new_restarts(self) -> list[str]:
+        """Roles restarted since the last look (a role twice if it restarted twice)."""
+        new = []
+        for role, n in self._restart_counts().items():
+            seen = self._restarts.get(role, 0)
+            new += [role] * max(0, n - seen)
+            self._restarts[role] = max(n, seen)  # an unanswered query reads 0: never count twice
+        self._unmeasured.update(new)
+        return new
 
     def _actor_info(self, role: str) -> dict[str, Any]:
         """The GCS's record of a role's actor (state, pid, restarts)."""
@@ -400,6 +470,36 @@ def _busy_roles(sched: StepSchedule, finished: set[int]) -> list[str]:
         if all(d in finished for d in deps) and op.actor not in busy:
             busy.append(op.actor)
     return busy or sorted({op.actor for op in sched.ops if op.id not in finished})
+
+
+def init_error(role: str, exc: BaseException, *, restart: bool) -> Exception:
+    """The error that ended an actor's constructor, raised in the driver. Ray keeps only its text; where its
+    class is one of fuyou-ray's named errors (a corrupted or busy store, a missing ring segment ...), the
+    same class is raised here, so the run stops as it would in process (and the CLI exits with the same
+    code); otherwise ActorFailureError with the error's last line."""
+    line = _last_error_line(exc)
+    what = f"{display_name(role)} {'could not be restarted' if restart else 'could not start'}"
+    name, sep, message = line.partition(": ")
+    cls = _named_errors().get(name.rsplit(".", 1)[-1]) if sep and " " not in name else None
+    if cls is not None:
+        with contextlib.suppress(Exception):
+            return cls(f"{what}: {message}")
+    return ActorFailureError(f"{what}: {line}")
+
+
+def _named_errors() -> dict[str, type[Exception]]:
+    """fuyou-ray's named error classes by name (those the CLI maps to an exit code, and their subclasses)."""
+    from fuyou_ray.config import ConfigError
+    from fuyou_ray.ring import RingError
+    from fuyou_ray.store import StoreError
+
+    found: dict[str, type[Exception]] = {}
+    stack: list[type[Exception]] = [FuyouError, StoreError, RingError, ConfigError]
+    while stack:
+        cls = stack.pop()
+        found.setdefault(cls.__name__, cls)
+        stack.extend(cls.__subclasses__())
+    return found
 
 
 def _last_error_line(exc: BaseException) -> str:

@@ -13,6 +13,10 @@ code) or stops making progress, the step's futures fail; the supervisor then
    batch of step s depends only on (seed, s) and every input of an update is read again from SSD, so the
    replay computes exactly what the first attempt would have; units already published are skipped.
 
+The same holds before the first step: opening or initialising the store (`start`) is replayed after a
+restart, and an actor that dies in its constructor (mapping the ring, opening the store) is restarted and
+counted like any other; one whose constructor raises stops the run with that error, under its own name.
+
 A hang is a step that makes no progress (no call finishes) for `runtime.hang_timeout_s`: the actors of
 the calls that should be running are killed and restarted, and the step replays as above. Errors raised by
 the actors' own code (a corrupted record, a full disk, a bad config) are not retried: the attempt is rolled
@@ -104,7 +108,9 @@ class RestartBudget:
         self.events: collections.deque[tuple[float, str]] = collections.deque()
         self.total = 0
 
-    def record(self, roles: list[str], reason: str, committed: int) -> None:
+    def record(self, roles: list[str], reason: str, committed: int | None) -> None:
+        """Count restarts of `roles`; `committed` is the committed step (None before the run has opened
+        its store)."""
         now = self.clock()
         for role in roles:
             self.events.append((now, role))
@@ -114,11 +120,12 @@ class RestartBudget:
         if len(self.events) > self.limit:
             counts = collections.Counter(role for _, role in self.events)
             who = ", ".join(f"{role} x{n}" for role, n in counts.most_common())
+            at = "" if committed is None else f" at step {committed}"
             raise RestartLimitError(
                 f"{len(self.events)} actor restarts in the last {self.window_s / 60:.0f} min ({who}), more "
                 f"than runtime.max_restarts = {self.limit}; last failure: {reason}. Committed state is "
-                f"intact at step {committed}: fix the cause and re-run to resume (or raise "
-                "runtime.max_restarts / lower runtime.restart_window_s)"
+                f"intact{at}: fix the cause and re-run to resume (or raise runtime.max_restarts / lower "
+                "runtime.restart_window_s)"
             )
 
 
@@ -157,11 +164,17 @@ class Supervisor:
         """Idempotent work between steps (an evaluation): run again after a recovery if an actor dies."""
         return self._until_done(step, work)
 
+    def start(self, work: Callable[[], T]) -> T:
+        """Idempotent set-up before the first step (opening or initialising the store, reading what it
+        committed): run again after a recovery if an actor dies. A store initialisation cut short commits
+        nothing, so the next attempt starts it afresh."""
+        return self._until_done(None, work)
+
     def ask(self, role: str, method: str, *args: Any) -> Any:
         """A control call whose actor must answer within runtime.hang_timeout_s (else it is restarted)."""
         return self.ex.ask(role, method, *args, timeout_s=self.runtime.hang_timeout_s)
 
-    def _until_done(self, step: int, attempt: Callable[[], T]) -> T:
+    def _until_done(self, step: int | None, attempt: Callable[[], T]) -> T:
         while True:
             try:
                 return attempt()
@@ -230,7 +243,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------------------------ recovery
 
-    def _recover(self, step: int, exc: BaseException) -> None:
+    def _recover(self, step: int | None, exc: BaseException) -> None:
         """Bring the actors back and roll the store back; a failure during recovery (another kill) is
         recovered from in turn, and counts against the same restart budget."""
         while True:
@@ -242,16 +255,35 @@ class Supervisor:
                     raise
                 exc = again
 
-    def _recover_once(self, step: int, exc: BaseException) -> None:
+    def _recover_once(self, step: int | None, exc: BaseException) -> None:
+        """`step` is the 0-based step in progress; None before the first one (the store being opened)."""
         t0 = time.monotonic()
         reason = _one_line(exc)
-        log.warning("step %d: %s; recovering", step + 1, reason)
-        self.ex.wait_alive(RESTART_TIMEOUT_S, self.runtime.hang_timeout_s)
-        restarted = self.ex.restarted_roles() or ["(no restart seen)"]
-        for role in restarted:
-            self.restarts[role] = self.restarts.get(role, 0) + 1
-        self.budget.record(restarted, reason, committed=step)
+        where = "start-up" if step is None else f"step {step + 1}"
+        log.warning("%s: %s; recovering", where, reason)
+        restarted: list[str] = []
+
+        def count(roles: list[str]) -> None:
+            # A role restarted a second time in one recovery died again in its constructor (mapping the
+            # ring, opening the store): counted at once, so an actor that can no longer start stops the run
+            # at the restart limit instead of being restarted forever.
+            again = sorted({r for i, r in enumerate(roles) if r in restarted or r in roles[:i]})
+            restarted.extend(roles)
+            for role in roles:
+                self.restarts[role] = self.restarts.get(role, 0) + 1
+            why = f"{', '.join(again)} died again while restarting, after {reason}" if again else reason
+            self.budget.record(roles, why, committed=step)  # raises past runtime.max_restarts
+
+        self.ex.wait_alive(RESTART_TIMEOUT_S, self.runtime.hang_timeout_s, on_restart=count)
+        if later := self.ex.restarted_roles():
+            count(later)
+        if not restarted:
+            count(["(no restart seen)"])
         committed = self.ask("ssd", "rollback")
+        if step is None:
+            self.recoveries += 1
+            log.warning("recovered in %.1f s (restarted: %s)", time.monotonic() - t0, ", ".join(restarted))
+            return
         if committed not in (step, step + 1):
             raise RunStateError(
                 f"after restarting {', '.join(restarted)} the store is at step {committed}, not {step}: was "
@@ -266,7 +298,7 @@ class Supervisor:
             step + 1,
         )
 
-    def _roll_back(self, step: int) -> None:
+    def _roll_back(self, step: int | None) -> None:
         """Drop what a failed attempt staged (best effort: the error that stops the run matters more)."""
         with contextlib.suppress(Exception):
             self.ex.ask("ssd", "rollback", timeout_s=60)

@@ -8,6 +8,7 @@ the same machine are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -151,3 +152,47 @@ class FaultInjector:
                 return True
             time.sleep(0.0002 if method else 0.01)
         return False
+
+
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` open."""
+    target = str(path.resolve())
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def starting(kind: str) -> list[int]:
+    """Actor processes of `kind` inside their constructor (Ray titles them `...__init__`)."""
+    return [p for p in actor_pids(kind) if "__init__" in title(p)]
+
+
+def opening_store(lock_file: Path) -> list[int]:
+    """SSD actor processes inside their constructor that have the store's lock file open: they are opening
+    the store (waiting for its lock, while a test holds it)."""
+    return [p for p in starting("ssd") if has_open(p, lock_file)]
+
+
+def kill_first(find: Callable[[], list[int]], timeout: float = 60.0) -> int:
+    """kill -9 the first process `find` returns (polling until one shows up); returns once it is gone."""
+    found: list[int] = []
+
+    def look() -> bool:
+        found[:] = find()
+        return bool(found)
+
+    if not wait_until(look, timeout, 0.05):
+        raise TimeoutError(f"no process to kill showed up within {timeout:.0f} s")
+    pid = found[0]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 60, 0.01)
+    return pid

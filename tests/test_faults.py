@@ -15,7 +15,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,21 @@ from fuyou_ray.config import RunConfig
 from fuyou_ray.driver import train
 from fuyou_ray.errors import RestartLimitError
 from fuyou_ray.inspect import load_unit_tensors
+from fuyou_ray.journal import StoreLock
 from fuyou_ray.records import RecordKind
-from fuyou_ray.store import JOURNAL, LOCK, MANIFEST, STORE_DIR
+from fuyou_ray.store import JOURNAL, LOCK, MANIFEST, STORE_DIR, ManifestError, SSDTensorStore
 from tests.conftest import REPO, fuyou_shm_segments, tiny_config
-from tests.faults import FaultInjector, fuyou_actor_processes, wait_until
+from tests.faults import (
+    FaultInjector,
+    actor_pids,
+    all_actors_up,
+    fuyou_actor_processes,
+    kill_first,
+    opening_store,
+    starting,
+    title,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -236,3 +249,178 @@ def committed(metrics: Path) -> int:
         return len(metrics.read_text().splitlines())
     except OSError:
         return 0
+
+
+# ------------------------------------------------------------------------------ failures while starting
+# An actor's constructor maps the ring and, for the SSD actor, opens the store. The tests hold the store's
+# lock (as a second process would) to keep a starting SSD actor inside the store's opening, and kill it
+# there: at the run's start, and while it restarts after a kill mid-run.
+
+
+def store_lock(cfg: RunConfig) -> StoreLock:
+    store = Path(cfg.ssd.paths[0]) / STORE_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    return StoreLock(store / LOCK)
+
+
+def running(kind: str) -> list[int]:
+    """Actor processes of `kind` that are up (not in their constructor)."""
+    return [p for p in actor_pids(kind) if title(p) and "__init__" not in title(p)]
+
+
+def in_background(work: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_actors_killed_while_starting_and_opening_the_store(
+    tmp_path: Path, references: dict[bool, Reference]
+) -> None:
+    """kill -9 of the SSD actor while it opens the store (at the run's start, and while it restarts after a
+    kill mid-run) and of GPU compute and an optimizer while their restart constructs them: each is
+    restarted, re-attached to the ring and the store, and the run ends bit-identical."""
+    cfg = fault_config(tmp_path, clip=True)
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    lock = store_lock(cfg)
+    lock.acquire(5)  # the SSD actor will wait for it inside the store's opening
+    kills: list[str] = []
+
+    def inject() -> None:
+        for _ in range(2):
+            kill_first(lambda: opening_store(lock.path))
+            kills.append("ssd opening the store at start")
+        lock.release()
+        assert wait_until(lambda: committed(metrics) >= 3, 120, 0.05)
+        kill_first(lambda: running("ssd"))
+        kills.append("ssd mid-run")
+        lock.acquire(60)  # before the restarted actor (still importing torch) gets to the store
+        kill_first(lambda: opening_store(lock.path))
+        kills.append("ssd reopening the store")
+        assert wait_until(lambda: bool(opening_store(lock.path)), 60, 0.05)
+        lock.release()
+        for kind in ("gpu", "opt"):
+            target = committed(metrics) + 1
+            assert wait_until(lambda t=target: committed(metrics) >= t and all_actors_up(), 120, 0.05)
+            kill_first(lambda k=kind: running(k))
+            kill_first(lambda k=kind: starting(k))
+            kills.extend([f"{kind} mid-run", f"{kind} restarting"])
+
+    thread, errors = in_background(inject)
+    try:
+        result = train(cfg, executor="ray")
+    finally:
+        thread.join(timeout=120)
+        lock.release()
+    assert not errors, errors
+    assert result.final_step == cfg.steps
+    n = len(kills)
+    print(f"\n[faults] kills while starting: {n} injected, {n} survived ({', '.join(kills)})")
+    assert len(kills) == 8
+    assert_identical(cfg, references[True])
+    assert_no_leaks(cfg)
+
+
+def test_an_actor_that_keeps_dying_while_starting_stops_the_run(tmp_path: Path) -> None:
+    """An actor that dies in its constructor every time is not restarted forever: past runtime.max_restarts
+    the run stops with RestartLimitError naming it - at the start and while recovering mid-run - with the
+    committed state intact."""
+    cfg = fault_config(tmp_path, clip=True, steps=6, max_restarts=1)
+    lock = store_lock(cfg)
+    lock.acquire(5)
+
+    def keep_killing() -> None:
+        for _ in range(2):
+            kill_first(lambda: opening_store(lock.path))
+
+    thread, errors = in_background(keep_killing)
+    try:
+        with pytest.raises(RestartLimitError) as info:
+            train(cfg, executor="ray")
+    finally:
+        thread.join(timeout=60)
+        lock.release()
+    assert not errors, errors
+    message = str(info.value)
+    assert "2 actor restarts while starting the run (fuyou:ssd-io)" in message, message
+    assert "runtime.max_restarts = 1" in message
+    assert wait_until(lambda: not fuyou_actor_processes(), 30, 0.1), fuyou_actor_processes()
+
+    # Mid-run: killed once, then again while it reopens the store.
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+
+    def kill_mid_run_then_while_restarting() -> None:
+        assert wait_until(lambda: committed(metrics) >= 2, 120, 0.05)
+        kill_first(lambda: running("ssd"))
+        lock.acquire(60)
+        kill_first(lambda: opening_store(lock.path))
+
+    thread, errors = in_background(kill_mid_run_then_while_restarting)
+    try:
+        with pytest.raises(RestartLimitError) as info:
+            train(cfg, executor="ray")
+    finally:
+        thread.join(timeout=60)
+        lock.release()
+    assert not errors, errors
+    message = str(info.value)
+    assert "2 actor restarts in the last" in message and "(ssd x2)" in message, message
+    assert "ssd died again while restarting" in message and "re-run to resume" in message, message
+    # Committed state intact: the store opens at the step metrics.jsonl records, with nothing staged.
+    store = SSDTensorStore(cfg.ssd.paths)
+    try:
+        assert store.committed_step == committed(metrics) >= 2
+    finally:
+        store.close()
+    assert_no_leaks(cfg)
+
+
+def test_a_failing_constructor_stops_the_run_with_its_own_error(
+    tmp_path: Path, references: dict[bool, Reference]
+) -> None:
+    """A constructor that raises (here: the SSD actor finds the store's manifest torn) is not restarted: the
+    run stops with the actor's error under its own name (ManifestError, exit code 4), at the start and
+    when it happens in a restart mid-run; once the manifest is back, a re-run finishes bit-identically."""
+    cfg = fault_config(tmp_path, clip=True)
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    manifest = Path(cfg.ssd.paths[0]) / STORE_DIR / MANIFEST
+    lock = store_lock(cfg)
+    good: list[bytes] = []
+
+    def tear_manifest_while_restarting() -> None:
+        assert wait_until(lambda: committed(metrics) >= 4, 120, 0.05)
+        kill_first(lambda: running("ssd"))
+        lock.acquire(60)
+        good.append(manifest.read_bytes())
+        manifest.write_bytes(good[0][: len(good[0]) // 2])
+        lock.release()
+
+    thread, errors = in_background(tear_manifest_while_restarting)
+    try:
+        with pytest.raises(ManifestError) as info:
+            train(cfg, executor="ray")
+    finally:
+        thread.join(timeout=60)
+        lock.release()
+    assert not errors, errors
+    assert "fuyou:ssd-io could not be restarted" in str(info.value), info.value
+    assert "unreadable manifest" in str(info.value)
+    assert wait_until(lambda: not fuyou_actor_processes(), 30, 0.1), fuyou_actor_processes()
+
+    # At the start, the same error (no restart loop, no hang).
+    t0 = time.monotonic()
+    with pytest.raises(ManifestError, match=r"fuyou:ssd-io could not start: .*unreadable manifest"):
+        train(cfg, executor="ray")
+    assert time.monotonic() - t0 < 60
+    manifest.write_bytes(good[0])
+    train(cfg, executor="ray")
+    assert_identical(cfg, references[True])
+    assert_no_leaks(cfg)

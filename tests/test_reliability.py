@@ -169,6 +169,56 @@ def test_ssd_directory_removed_mid_run(
         train(cfg, executor="local")
 
 
+def test_a_manifest_of_another_model_is_refused_and_nothing_is_lost(tmp_path: Path, reference: Any) -> None:
+    """The store's manifest replaced by one of another model (fewer layers): the run is refused before
+    anything opens the store - opening it would delete the records that manifest does not name, i.e. this
+    run's own - and once the right manifest is back it resumes to the weights of an undisturbed run."""
+    cfg = tiny_config(tmp_path / "a", steps=4)
+    other = tiny_config(tmp_path / "b", steps=4, model={"n_layer": 1})
+    train(cfg, executor="local", stop_after=2)
+    train(other, executor="local", stop_after=2)
+    manifest = Path(cfg.ssd.paths[0]) / STORE_DIR / MANIFEST
+    ours = manifest.read_bytes()
+    shutil.copy(Path(other.ssd.paths[0]) / STORE_DIR / MANIFEST, manifest)
+    before = committed_state(cfg)
+    with pytest.raises(RunStateError, match=r"holds a different model .*'n_layer': 1"):
+        train(cfg, executor="local")
+    assert committed_state(cfg) == before, "a refused start changed the SSD directory"
+    manifest.write_bytes(ours)
+    assert train(cfg, executor="local").start_step == 2
+    assert same(tensors(cfg), reference)
+
+
+def test_dev_shm_too_small_for_the_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/dev/shm with less room than the ring: exit code 3, one line saying how much the ring needs and
+    how to get it, nothing committed touched; the run resumes once there is room."""
+    import fuyou_ray.ring as ring_mod
+    from fuyou_ray.cli import main
+    from fuyou_ray.models import ModelSpec
+    from fuyou_ray.plan import make_plan
+
+    cfg = tiny_config(tmp_path, steps=3)
+    train(cfg, executor="local", stop_after=1)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    plan = make_plan(cfg, ModelSpec(cfg.model))
+    needed = ring_mod.make_spec(plan.slot_bytes, plan.num_slots).total_bytes
+    before = committed_state(cfg)
+    monkeypatch.setattr(ring_mod, "_shm_free_bytes", lambda: needed // 2)
+    capsys.readouterr()
+    assert main(["train", str(config), "--executor", "local"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fuyou-ray: error: /dev/shm has"), err
+    assert f"the ring needs {needed / 2**20:.0f} MiB" in err[0], err
+    assert "docker --shm-size" in err[0] and "budgets.cpu_mem" in err[0], err
+    assert committed_state(cfg) == before
+    monkeypatch.undo()
+    assert main(["train", str(config), "--executor", "local"]) == 0
+    assert train(cfg, executor="local").final_step == 3
+
+
 def test_corrupted_record_is_named_and_never_trained_on(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, steps=3)
     train(cfg, executor="local", stop_after=2)
@@ -222,6 +272,19 @@ def test_truncated_safetensors_is_refused_by_name(tmp_path: Path) -> None:
     f.write_bytes(f.read_bytes()[:20])
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         CheckpointReader(tmp_path)
+
+
+def test_truncated_safetensors_is_refused_at_import_before_anything_is_written(tmp_path: Path) -> None:
+    from fuyou_ray.hf import import_checkpoint
+    from fuyou_ray.safetensors_io import CheckpointError
+    from tests.hf_testlib import save_tiny_model
+
+    save_tiny_model("llama", tmp_path / "src")
+    f = tmp_path / "src" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-5000])  # a download cut short: the last tensors' bytes are missing
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.1\.[\w.]+'"):
+        import_checkpoint(tmp_path / "src", tmp_path / "run")
+    assert not (tmp_path / "run").exists(), "a refused import created the run"
 
 
 # ------------------------------------------------------------------------------------ NaN / inf
