@@ -28,6 +28,7 @@ from fuyou_ray.memory import MemoryMeter
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.observer import build_observer
 from fuyou_ray.optim import AdamWStep, learning_rate
+from fuyou_ray.parallel.shards import check_layout
 from fuyou_ray.plan import Plan, cache_bytes, check_ssd_space, make_plan
 from fuyou_ray.ring import Ring, make_spec, remove_stale_segments
 from fuyou_ray.schedule import StepInputs, build_eval, build_step
@@ -81,6 +82,10 @@ def model_fingerprint(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
 
 def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None = None) -> TrainResult:
     """Train (or resume) the run described by `cfg`; `stop_after` stops once that step is committed."""
+    if cfg.runtime.data_parallel > 1:  # N pipelines: fuyou_ray/parallel/
+        from fuyou_ray.parallel import train_data_parallel
+
+        return train_data_parallel(cfg, stop_after=stop_after, executor=executor)
     meter = MemoryMeter("driver")
     # Everything that can be checked is checked before anything is written.
     spec = ModelSpec(cfg.model)
@@ -90,6 +95,7 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
         check_ssd_path(path)
     run_dir = prepare_run_dir(cfg)
     check_store_model(cfg, plan)
+    check_layout(cfg, run_dir, None)  # a data-parallel run's dir is refused (ShardMismatchError)
     remove_stale_segments()
     with (
         Ring(make_spec(plan.slot_bytes, plan.num_slots)) as ring,
