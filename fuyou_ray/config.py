@@ -317,6 +317,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return _convert(value, non_none[0], key)
     if origin is Literal:
+        if isinstance(value, bool) and "off" in args:
+            # YAML 1.1 reads a bare `off` (and `no`, `false`) as False: `cpu_cache: off` means "off".
+            value = "off" if value is False else value
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{key}: {value!r} is not one of {choices}")

@@ -298,8 +298,7 @@ def fill_cache(plan: Plan, spec: ModelSpec, cpu_mem: int, *, write_through: bool
     3. params, unit by unit from the last: P read twice (forward, backward) and written once, for 2 P
        (the old version stays until the commit).
     A unit that does not fit is skipped and the next one tried. `cpu_bytes_needed` then counts the cache
-    (`cache_bytes`); write-back also needs a second copy of the state on SSD at a flush (the snapshot of
-    the previous flush stays until the new one is complete), which `ssd_bytes_needed` then counts.
+    (`cache_bytes`), `ssd_bytes_needed` the SSD space with it (`ssd_bytes_with_cache`).
     """
     base = plan.cpu_bytes_needed
     budget = cpu_mem - base
@@ -324,12 +323,30 @@ def fill_cache(plan: Plan, spec: ModelSpec, cpu_mem: int, *, write_through: bool
     cached = cache_bytes(spec, current)
     if not cached:
         return plan
-    ssd = current.ssd_bytes_needed
-    if not write_through and (current.cpu_cached_state or current.cpu_cached_params):
-        ssd += sum(
-            align_up(u.numel * _itemsize(plan.param_dtype)) + 3 * align_up(u.numel * 4) for u in spec.units
-        )
-    return replace(current, cpu_bytes_needed=base + cached, ssd_bytes_needed=ssd)
+    return replace(
+        current, cpu_bytes_needed=base + cached, ssd_bytes_needed=ssd_bytes_with_cache(spec, current)
+    )
+
+
+def ssd_bytes_with_cache(spec: ModelSpec, plan: Plan) -> int:
+    """SSD space of a plan with a host cache (`ssd_bytes_needed` without one): the state; the old params
+    until the commit and the units in flight, of what a step writes to SSD; the gradient log when it is on
+    SSD. Write-back writes the cached records only at flushes, but keeps the previous flush's snapshot
+    until the new one is complete (fuyou_ray/durable.py): the state twice at a flush."""
+    pb = _itemsize(plan.param_dtype)
+    write_back = not plan.cache_write_through and bool(plan.cpu_cached_state or plan.cpu_cached_params)
+    state = old_params = 0
+    written = []  # per unit: bytes a step writes to SSD (new versions in flight until published)
+    for u, unit in enumerate(spec.units):
+        p, s = align_up(unit.numel * pb), 3 * align_up(unit.numel * 4)
+        state += p + s
+        p_on_ssd = not (write_back and u in plan.cpu_cached_params)
+        s_on_ssd = not (write_back and u in plan.cpu_cached_state)
+        old_params += p if p_on_ssd else 0
+        written.append((p if p_on_ssd else 0) + (s if s_on_ssd else 0))
+    in_flight = sum(sorted(written, reverse=True)[:UNITS_IN_FLIGHT])
+    grad_log = sum(align_up(u.numel * 4) for u in spec.units) if plan.grad_log_tier == "ssd" else 0
+    return (2 if write_back else 1) * state + old_params + in_flight + grad_log
 
 
 def _itemsize(dtype: str) -> int:

@@ -93,15 +93,16 @@ def test_plan_caches_state_then_the_gradient_log_then_params(tmp_path: Path) -> 
     partial = planned(state // 2)
     assert 0 < len(partial.cpu_cached_state) < spec.num_units
     assert partial.cpu_cached_state == units[-len(partial.cpu_cached_state) :]
-    # Write-back keeps the previous flush's snapshot while writing the next: the SSD may hold the state
-    # twice at a flush; write-through needs no more SSD than no cache.
+    # Write-back writes the cached records only at flushes, but keeps the previous flush's snapshot until
+    # the new one is complete: the state twice on SSD at a flush, and nothing else. Write-through needs
+    # the SSD space of no cache, less the gradient log that stays in memory.
     state_on_ssd = sum(align_up(u.numel * 4) + 3 * align_up(u.numel * 4) for u in spec.units)
-    assert everything.ssd_bytes_needed == off.ssd_bytes_needed + state_on_ssd
+    assert everything.ssd_bytes_needed == 2 * state_on_ssd
     through = make_plan(
         with_runtime(with_cpu_mem(cfg, everything.cpu_bytes_needed), cache_write_through=True), spec
     )
     assert through.cache_write_through and through.cpu_cached_state == units
-    assert through.ssd_bytes_needed == off.ssd_bytes_needed
+    assert through.ssd_bytes_needed == off.ssd_bytes_needed - grads
     # No clipping: no gradient log to cache.
     free = make_plan(
         dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, max_grad_norm=0.0)), spec
@@ -111,6 +112,13 @@ def test_plan_caches_state_then_the_gradient_log_then_params(tmp_path: Path) -> 
 
 def test_cache_knobs_are_validated(tmp_path: Path) -> None:
     tree = tiny_config(tmp_path).to_dict()
+    # YAML reads a bare `off` as False: it still means "off".
+    off = yaml.safe_load("runtime: {cpu_cache: off}")
+    assert off["runtime"]["cpu_cache"] is False
+    assert (
+        config_from_dict({**tree, "runtime": {**tree["runtime"], **off["runtime"]}}).runtime.cpu_cache
+        == "off"
+    )
     for key, value, message in (
         ("cpu_cache", "sometimes", "runtime.cpu_cache"),
         ("cache_flush_every", -1, "runtime.cache_flush_every"),
