@@ -31,6 +31,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -155,14 +156,20 @@ def test_ray_job_stop_cleans_up_and_the_resubmitted_job_resumes(short_tmp: Path)
         )
         assert r.returncode == 0, f"ray job submit failed:\n{r.stdout}\n{r.stderr}"
 
-    def job_status(job: str) -> str:
-        """The job's status from the job REST API (what `ray job status` reads, without its start-up)."""
+    def job_api(path: str) -> Any:
+        """GET from the job REST API (what `ray job status` / `logs` read, without a CLI's start-up)."""
         request = urllib.request.Request(
-            f"{cluster.dashboard}/api/jobs/{job}",
+            f"{cluster.dashboard}/api/jobs/{path}",
             headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"},
         )
         with urllib.request.urlopen(request, timeout=30) as reply:
-            return str(json.loads(reply.read())["status"])
+            return json.loads(reply.read())
+
+    def job_status(job: str) -> str:
+        return str(job_api(job)["status"])
+
+    def job_logs(job: str) -> str:
+        return str(job_api(f"{job}/logs")["logs"])
 
     def wait_status(job: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -180,8 +187,8 @@ def test_ray_job_stop_cleans_up_and_the_resubmitted_job_resumes(short_tmp: Path)
         t_submitted = time.monotonic()
         deadline = time.monotonic() + 120
         while committed(cfg) < STOP_AT:
-            assert time.monotonic() < deadline, "no progress:\n" + cluster.job_logs(first)
-            assert job_status(first) not in job_flow.TERMINAL, cluster.job_logs(first)
+            assert time.monotonic() < deadline, "no progress:\n" + job_logs(first)
+            assert job_status(first) not in job_flow.TERMINAL, job_logs(first)
             time.sleep(0.02)
         t_progress = time.monotonic()
         cluster.mine()  # remember the job's pids (the driver's segments carry its pid)
@@ -190,7 +197,7 @@ def test_ray_job_stop_cleans_up_and_the_resubmitted_job_resumes(short_tmp: Path)
         assert r.returncode == 0, f"ray job stop failed:\n{r.stdout}\n{r.stderr}"
         status = wait_status(first, 30)
         t_stopped = time.monotonic()
-        logs = cluster.job_logs(first)
+        logs = job_logs(first)
         assert status == "STOPPED", f"job {status}:\n{logs}"
         stopped_at = committed(cfg)
         assert STOP_AT <= stopped_at < STEPS, f"stopped at step {stopped_at}, not mid-run:\n{logs}"
@@ -220,15 +227,13 @@ def test_ray_job_stop_cleans_up_and_the_resubmitted_job_resumes(short_tmp: Path)
         t_resubmit = time.monotonic()
         submit(second)
         status = wait_status(second, 120)
-        logs = cluster.job_logs(second)
+        logs = job_logs(second)
         assert status == "SUCCEEDED", f"job {status}:\n{logs}"
         assert f"resuming from committed step {stopped_at}" in logs, logs
         assert f"done: committed step {STEPS}/{STEPS}" in logs, logs
         t_done = time.monotonic()
     finally:
-        t_teardown = time.monotonic()
         cluster.stop()
-        print(f"cluster stop {time.monotonic() - t_teardown:.1f}s")
         left = cluster.mine()
         leaked = {
             n
