@@ -6,9 +6,11 @@ One run (one process) does everything, so every figure in the table comes from t
    memory, SSD read / write / both at once through the project's own store at the pipeline's request size
    and queue depth, and CPU fused AdamW Gparam/s with the pool's thread count;
 2. warm-up steps, then N measured steps of the real pipeline (Ray actors, ring, store);
-3. the work one step does (FLOPs incl. recompute, PCIe bytes, SSD bytes counted by the SSD actor, Adam
-   elements) divided by those rates gives each resource's busy time; the bound is the largest of them,
-   efficiency = bound / measured step time.
+3. the work one step does (FLOPs incl. recompute, PCIe bytes, SSD bytes counted by the SSD actor - the
+   median step's, so a step after a start that reads a cold host cache and the end's flush of a write-back
+   cache are left out -, Adam elements) divided by those rates gives each resource's busy time; the bound
+   is the largest of them, efficiency = bound / measured step time. The host cache (what the plan keeps in
+   CPU memory instead of on SSD: fuyou_ray/cache.py) is reported with its size and SSD bytes per step.
 Results: a printed table, bench.json and timeline.png (per-lane busy intervals of the last step).
 """
 
@@ -249,7 +251,7 @@ def bound_seconds(work: StepWork, r: Rates) -> dict[str, float]:
 def run_bench(cfg: RunConfig, warmup: int = 1, steps: int = 3) -> dict[str, Any]:
     """Measure rates, run warm-up + N steps, and compare the steps with the bound (see module docs)."""
     from fuyou_ray.driver import connect_ray, train
-    from fuyou_ray.plan import make_plan
+    from fuyou_ray.plan import cache_bytes, make_plan
 
     spec = ModelSpec(cfg.model)
     plan = make_plan(cfg, spec)
@@ -267,12 +269,13 @@ def run_bench(cfg: RunConfig, warmup: int = 1, steps: int = 3) -> dict[str, Any]
         torch.cuda.empty_cache()
     measured = train(cfg)
     n = max(1, len(measured.steps))
+    io = measured.io
     work = step_work(
         cfg,
         spec,
         2 if plan.param_dtype == "bfloat16" else 4,
-        measured.io.get("bytes_read", 0) / n,
-        measured.io.get("bytes_written", 0) / n,
+        io.get("ssd_read_per_step", io.get("bytes_read", 0) / n),
+        io.get("ssd_written_per_step", io.get("bytes_written", 0) / n),
     )
     bounds = bound_seconds(work, rates)
     bound = max(bounds.values())
@@ -300,6 +303,16 @@ def run_bench(cfg: RunConfig, warmup: int = 1, steps: int = 3) -> dict[str, Any]
         "memory": measured.memory,
         "peak_gpu_bytes": measured.peak_device_bytes,
         "warmup_steps": len(first.steps),
+        "cache": {
+            "planned_bytes": cache_bytes(spec, plan),
+            "bytes": io.get("cache_bytes", 0),  # in /dev/shm at the end of the run
+            "state_units": len(plan.cpu_cached_state),
+            "param_units": len(plan.cpu_cached_params),
+            "units": spec.num_units,
+            "grad_log": plan.grad_log_tier,
+            "mode": "write-through" if plan.cache_write_through else "write-back",
+            "flushed_bytes": io.get("flushed_bytes", 0),
+        },
         "losses": [s.loss for s in measured.steps],
     }
     run_dir = Path(cfg.run_dir)
@@ -346,12 +359,28 @@ def format_table(r: dict[str, Any]) -> str:
         f"plain in-GPU block {r['peer_tflops']:.1f} -> ratio {r['ratio_to_peer']:.3f}",
         f"  Ray calls on the GPU actor's path ~{r['ray_overhead_s'] * 1e3:.1f} ms/step "
         f"= {100 * r['ray_overhead_fraction']:.2f}% of the step (upper estimate)",
+        _cache_line(r, gib),
         f"  peak GPU memory {r['peak_gpu_bytes'] / gib:.2f} GiB "
         f"(budget {r['config']['budgets']['gpu_mem'] / gib:.0f} GiB)",
         "  peak RSS above baseline: "
         + ", ".join(f"{m['role']} {m['peak_above_baseline'] / gib:.2f} GiB" for m in r["memory"]),
     ]
     return "\n".join(lines)
+
+
+def _cache_line(r: dict[str, Any], gib: float) -> str:
+    """The host cache and the SSD bytes a (median) step moved."""
+    c, w = r.get("cache", {}), r["work"]
+    read, written = w["ssd_read_bytes"] / gib, w["ssd_write_bytes"] / gib
+    ssd = f"SSD per step: read {read:.2f} GiB, written {written:.2f} GiB"
+    if not c.get("planned_bytes"):
+        return f"  host cache: none (runtime.cpu_cache off, or cpu_mem holds only the ring); {ssd}"
+    n = c["units"]
+    return (
+        f"  host cache ({c['mode']}): {c['bytes'] / gib:.2f} GiB cached "
+        f"(plan {c['planned_bytes'] / gib:.2f} GiB at peak): state of {c['state_units']}/{n} units, "
+        f"params of {c['param_units']}/{n}, gradient log on {c['grad_log']}; {ssd}"
+    )
 
 
 def timeline_png(timeline_json: Path, out: Path) -> bool:
