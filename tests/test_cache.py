@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -515,6 +516,43 @@ def test_driver_killed_between_flushes_resumes_from_the_last_flush(
     )
     assert_identical(cfg, uncached[True])
     assert_no_leaks(cfg)
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_flush_the_cache(
+    tmp_path: Path, uncached: dict[bool, Reference], ray_cluster: Any
+) -> None:
+    """A write-back run stopped with Ctrl-C (in process) or SIGTERM (`ray job stop`, through Ray actors)
+    flushes its cache on the way out: the committed step (and the published part of the one in progress)
+    is whole on SSD, no /dev/shm file is left, and the re-run goes on from there bit-identically."""
+    cfg = fault_config(tmp_path, True, steps=CACHED_STEPS, cpu_cache="auto", cache_flush_every=0)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+    }
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    for sig, executor, after in ((signal.SIGINT, "local", 2), (signal.SIGTERM, "ray", 5)):
+        command = [sys.executable, "-m", "fuyou_ray", "train", str(config_file), "--executor", executor]
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        reached = wait_until(
+            lambda a=after, p=proc: committed(metrics) >= a or p.poll() is not None, 180, 0.01
+        )
+        assert reached and proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        on_disk = manifest(Path(cfg.ssd.paths[0]))
+        assert not any(r.get("in_memory") for r in on_disk["records"]), "the stop did not flush the cache"
+        assert on_disk["meta"]["durable_step"] == on_disk["step"] == committed(metrics)
+        assert not {s for s in fuyou_shm_segments() if f"-{proc.pid}-" in s}, "files left in /dev/shm"
+        assert wait_until(lambda: not fuyou_actor_processes(), 30, 0.1), fuyou_actor_processes()
+    train(cfg, executor="local")
+    assert_identical(cfg, uncached[True])
 
 
 def committed(metrics: Path) -> int:
