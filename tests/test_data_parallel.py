@@ -10,7 +10,9 @@ holds its half of the optimizer state and the full params; stores that do not be
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -282,3 +284,38 @@ def test_swapped_or_lagging_stores_are_refused(clipped: dict[str, Any], tmp_path
     )
     done = reconcile([lagging[0], voted], layout, fingerprint, num_units)
     assert (done.committed, done.commit) == (3, (1,))
+
+
+@pytest.mark.slow
+def test_killed_actor_rebuilds_the_pipelines_and_replays(clipped: dict[str, Any], tmp_path: Path) -> None:
+    """kill -9 of pipeline 1's SSD actor during step 2: every pipeline is rebuilt, step 2 replays on all of
+    them from the committed state (units some store had published stay), and the job ends bit for bit as
+    the uninterrupted one."""
+    import threading
+
+    ray = clipped["ray"]
+    cfg = config(tmp_path / "killed", 0.5)
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    killed: list[int] = []
+
+    def kill_during_step_2() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 1:
+                time.sleep(0.1)
+                pid = ray.get(ray.get_actor("fuyou:p1:ssd-io").pid.remote())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_during_step_2, daemon=True)
+    killer.start()
+    result = train(cfg)
+    killer.join()
+    assert killed and [s.step for s in result.steps] == [1, 2, 3]
+    a, b = state(clipped["straight"]), state(cfg)
+    for kind in KINDS:
+        for unit, (x, y) in enumerate(zip(a[kind], b[kind], strict=True)):
+            assert torch.equal(x, y), f"{kind.value} of unit {unit} differs after the rebuild"
+    wait_no_actors(ray)
