@@ -112,11 +112,13 @@ def pipeline_paths(paths: Sequence[str], world: int) -> list[tuple[str, ...]]:
 
 
 def pipeline_config(cfg: RunConfig, rank: int) -> RunConfig:
-    """The config one pipeline runs with: 1/N of the global batch, its own SSD directories."""
+    """The config one pipeline runs with: 1/N of the global batch, its own SSD directories, and no host
+    cache (the shard stores keep everything on SSD; the cache of fuyou_ray/cache.py is single-pipeline)."""
     world = cfg.runtime.data_parallel
     batch = dataclasses.replace(cfg.batch, global_batch=cfg.batch.global_batch // world, grad_accum=None)
     ssd = dataclasses.replace(cfg.ssd, paths=pipeline_paths(cfg.ssd.paths, world)[rank])
-    return dataclasses.replace(cfg, batch=batch, ssd=ssd)
+    runtime = dataclasses.replace(cfg.runtime, cpu_cache="off")
+    return dataclasses.replace(cfg, batch=batch, ssd=ssd, runtime=runtime)
 
 
 # ---------------------------------------------------------------------------------------------- the layout
