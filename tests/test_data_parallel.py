@@ -9,6 +9,7 @@ holds its half of the optimizer state and the full params; stores that do not be
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from fuyou_ray.config import RunConfig
+from fuyou_ray.config import DataConfig, RunConfig
 from fuyou_ray.driver import model_fingerprint, train
 from fuyou_ray.inspect import load_unit_tensors
 from fuyou_ray.models import ModelSpec
@@ -232,11 +233,13 @@ def test_unclipped_job_is_the_single_pipeline_bit_for_bit(ray_cluster: Any, tmp_
     """Without clipping the optimizer of each unit overlaps the backward of the next (Fuyou's path). One
     micro-batch per pipeline, two in the single pipeline: the gradient sums are then the same additions,
     so the weights, moments and losses must be equal, not just close."""
-    cfg = config(tmp_path / "dp", 0.0, micro_batch=4)
+    evaluate = {"eval_every": 3, "eval_batches": 1}  # the held-out loss after step 3, through pipeline 0
+    cfg = dataclasses.replace(config(tmp_path / "dp", 0.0, micro_batch=4), data=DataConfig(**evaluate))
     ours = train(cfg).steps
-    single = config(tmp_path / "single", 0.0, world=1, micro_batch=4)
+    single = dataclasses.replace(config(tmp_path / "single", 0.0, world=1, micro_batch=4), data=cfg.data)
     theirs = train(single, executor="local").steps
     assert [s.loss for s in ours] == [s.loss for s in theirs]
+    assert ours[-1].eval_loss is not None and ours[-1].eval_loss == theirs[-1].eval_loss
     a, b = state(cfg), state(single)
     for kind in KINDS:
         for unit, (x, y) in enumerate(zip(a[kind], b[kind], strict=True)):

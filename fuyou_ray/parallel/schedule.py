@@ -220,8 +220,9 @@ def merge(pipelines: Sequence[StepSchedule]) -> JobSchedule:
                     after=tuple(sorted(new_id[k, d] for d in op.after)),
                 )
             )
-    prepares = [new_id[k, p.commit] for k, p in enumerate(pipelines)]
-    summaries = [new_id[k, p.summary] for k, p in enumerate(pipelines)]
+    # (-1: a schedule without that op, such as an evaluation's, which has no commit)
+    prepares = [new_id.get((k, p.commit), -1) for k, p in enumerate(pipelines)]
+    summaries = [new_id.get((k, p.summary), -1) for k, p in enumerate(pipelines)]
     merged.commit, merged.summary = prepares[-1], summaries[0]
     return JobSchedule(merged, prepares, summaries)
 
