@@ -7,9 +7,13 @@ here, so the two can never disagree about a FLOP or a byte:
   call's size (a micro-batch chunk; small calls run below the asymptotic rate).
 - `account_step`: per-step totals - FLOPs executed (recompute included) and model FLOPs (6 x params x
   tokens + attention, as the driver reports TFLOPS), bytes host->device and device->host, SSD bytes read and
-  written, optimizer elements - for a `Plan` (tier of each tensor family per unit, activation policy,
-  optimizer overlap). `ResourceTimes` turns them into T_gpu, T_pcie, T_ssd, T_cpu and the bound
-  max(T_gpu, T_pcie, T_ssd, T_cpu): no schedule can beat it.
+  written, host-cache bytes copied, optimizer elements - for a `Plan` (tier of each tensor family per unit,
+  activation policy, optimizer overlap). `ResourceTimes` turns them into T_gpu, T_pcie, T_ssd, T_cpu,
+  T_memcpy and the bound max(T_gpu, T_pcie, T_ssd, T_cpu, T_memcpy): no schedule can beat it.
+
+The host cache (fuyou_ray/cache.py) is priced as the SSD actor runs it: a read of a cached record copies it
+from its /dev/shm file into a ring slot, a write copies the slot into a new file (memcpy at the profile's
+`cpu.memcpy_gbps`), and write-through also writes it to SSD (the gradient log, a transient record, never).
 - `gpu_memory`, `cpu_memory`: the peak bytes a plan needs on the compute device and in host memory, by part.
 
 Activation sizes follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
@@ -162,13 +166,14 @@ class ResourceTimes:
     pcie: float
     ssd: float
     cpu: float
+    memcpy: float = 0.0  # host-cache copies (cache file <-> ring slot)
 
     def as_dict(self) -> dict[str, float]:
-        return {"gpu": self.gpu, "pcie": self.pcie, "ssd": self.ssd, "cpu": self.cpu}
+        return {"gpu": self.gpu, "pcie": self.pcie, "ssd": self.ssd, "cpu": self.cpu, "memcpy": self.memcpy}
 
     @property
     def bound(self) -> float:
-        return max(self.gpu, self.pcie, self.ssd, self.cpu)
+        return max(self.gpu, self.pcie, self.ssd, self.cpu, self.memcpy)
 
     @property
     def bottleneck(self) -> str:
@@ -191,6 +196,8 @@ class StepAccount:
     detail: dict[str, int] = field(
         default_factory=dict
     )  # bytes by what moves (params, state, activations...)
+    cache_read_bytes: int = 0  # host cache -> ring slot copies
+    cache_write_bytes: int = 0  # ring slot -> host cache copies
 
     def times(self, profile: HardwareProfile, queue_depth: int, adam_threads: int) -> ResourceTimes:
         pcie = profile.pcie
@@ -199,7 +206,8 @@ class StepAccount:
             t_pcie = max(t_pcie, (self.h2d_bytes + self.d2h_bytes) / (pcie.duplex_gbps * 1e9))
         t_ssd = ssd_seconds(profile, queue_depth, self.ssd_read_bytes, self.ssd_write_bytes)
         t_cpu = self.adam_elements / profile.cpu.adam_rate(adam_threads)
-        return ResourceTimes(self.gpu_seconds, t_pcie, t_ssd, t_cpu)
+        t_copy = (self.cache_read_bytes + self.cache_write_bytes) / profile.cpu.memcpy_bps()
+        return ResourceTimes(self.gpu_seconds, t_pcie, t_ssd, t_cpu, t_copy)
 
 
 def ssd_seconds(profile: HardwareProfile, queue_depth: int, read: float, write: float) -> float:
@@ -217,14 +225,26 @@ def ssd_seconds(profile: HardwareProfile, queue_depth: int, read: float, write: 
     return best
 
 
-def account_step(w: Workload, plan: Plan, profile: HardwareProfile) -> StepAccount:
-    """What the step of `plan` moves and computes (see the module docstring)."""
+def account_step(
+    w: Workload, plan: Plan, profile: HardwareProfile, *, schedule: str = "planned"
+) -> StepAccount:
+    """What the step of `plan` moves and computes (see the module docstring).
+
+    `schedule` says whose step: "planned" (fuyou_ray.simulate.build_planned_step: a "cpu" gradient log is
+    host memory the gradients land in and the optimizer reads, no copies) or "current" (build_step as the
+    pipeline runs it: the gradient log is a record like any other, so a cached one is copied into the host
+    cache in backward and back into a ring slot for the optimizer). Both read and write cached params and
+    state through ring slots, as the SSD actor's CachedStore does.
+    """
+    if schedule not in ("planned", "current"):
+        raise ValueError(f"schedule must be 'planned' or 'current', got {schedule!r}")
     pb = w.param_bytes
     units = w.spec.units
     last = w.num_units - 1
     overlap = plan.overlap
     cached_p, cached_s = set(plan.cpu_cached_params), set(plan.cpu_cached_state)
     resident = set(plan.gpu_resident_params)
+    through = plan.cache_write_through
     d: dict[str, int] = {
         "h2d params": 0,
         "h2d activations": 0,
@@ -238,6 +258,12 @@ def account_step(w: Workload, plan: Plan, profile: HardwareProfile) -> StepAccou
         "ssd write state": 0,
         "ssd write grads": 0,
         "ssd write activations": 0,
+        "cache read params": 0,
+        "cache read state": 0,
+        "cache read grads": 0,
+        "cache write params": 0,
+        "cache write state": 0,
+        "cache write grads": 0,
     }
     flops = seconds = 0.0
     for u in range(w.num_units):
@@ -246,10 +272,14 @@ def account_step(w: Workload, plan: Plan, profile: HardwareProfile) -> StepAccou
         policy = plan.policy(u)
         # params onto the device: each visit, or once (the updated copy) when resident
         d["h2d params"] += p_bytes if u in resident else visits * p_bytes
-        if u not in cached_p and u not in resident:
+        if u not in resident:
             from_opt = 1 if overlap == "next_forward" else 0  # the first visit takes the new P
-            d["ssd read params"] += (visits - from_opt) * p_bytes
-        if u not in cached_p:
+            tier = "cache" if u in cached_p else "ssd"
+            d[f"{tier} read params"] += (visits - from_opt) * p_bytes
+        # the optimizer's new params: into the cache, and to SSD unless cached write-back
+        if u in cached_p:
+            d["cache write params"] += p_bytes
+        if u not in cached_p or through:
             d["ssd write params"] += p_bytes
         # activations
         if w.kind(u) == "block":
@@ -267,10 +297,17 @@ def account_step(w: Workload, plan: Plan, profile: HardwareProfile) -> StepAccou
         if plan.grad_log_tier == "ssd":
             d["ssd write grads"] += g_bytes
             d["ssd read grads"] += g_bytes
+        elif plan.grad_log_tier == "cpu" and schedule == "current":
+            # a transient record: write-through leaves it in the cache too
+            d["cache write grads"] += g_bytes
+            d["cache read grads"] += g_bytes
         s_bytes = units[u].numel * STATE_BYTES
-        if u not in cached_s:
+        if u in cached_s:
+            d["cache read state"] += s_bytes
+            d["cache write state"] += s_bytes
+        else:
             d["ssd read state"] += s_bytes
-        if u not in cached_s or plan.cache_write_through:
+        if u not in cached_s or through:
             d["ssd write state"] += s_bytes
         fwd = "forward" if u != last else None
         if fwd:
@@ -279,16 +316,22 @@ def account_step(w: Workload, plan: Plan, profile: HardwareProfile) -> StepAccou
         method = backward_method(w, u, policy)
         flops += call_flops(w, u, method)
         seconds += call_seconds(w, u, method, profile)
+
+    def total(prefix: str) -> int:
+        return sum(v for k, v in d.items() if k.startswith(prefix))
+
     return StepAccount(
         gpu_flops=flops,
         model_flops=w.model_flops(),
         gpu_seconds=seconds,
         h2d_bytes=d["h2d params"] + d["h2d activations"],
         d2h_bytes=d["d2h grads"] + d["d2h activations"],
-        ssd_read_bytes=sum(v for k, v in d.items() if k.startswith("ssd read")),
-        ssd_write_bytes=sum(v for k, v in d.items() if k.startswith("ssd write")),
+        ssd_read_bytes=total("ssd read"),
+        ssd_write_bytes=total("ssd write"),
         adam_elements=w.numel,
         detail=d,
+        cache_read_bytes=total("cache read"),
+        cache_write_bytes=total("cache write"),
     )
 
 

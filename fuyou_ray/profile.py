@@ -3,9 +3,11 @@
 A `HardwareProfile` holds the rates the planner predicts with - GPU FLOP/s for a GPT block of a given
 width and tokens per call, PCIe bandwidth each way and both at once, SSD read/write bandwidth at each queue
 depth (striped over the run's SSD directories, and per directory), CPU fused-AdamW parameters per second by
-thread count - plus memory sizes. `fuyou-ray probe` measures one (fuyou_ray/probe.py); configs/profiles/
-holds hand-written ones for machines we cannot probe (the paper's testbed), each saying where its figures
-come from. Units are the readable ones: TFLOPS, GB/s (1e9 B/s), Gparam/s, bytes for sizes.
+thread count, the host cache's copy rate - plus memory sizes. `fuyou-ray probe` measures one
+(fuyou_ray/probe.py); configs/profiles/ holds hand-written ones for machines we cannot probe (the paper's
+testbed), each saying where its figures come from. A field added after a profile was written takes its
+documented default when the file lacks it (`cpu.memcpy_gbps`, the host cache's copy rate, was added
+later). Units are the readable ones: TFLOPS, GB/s (1e9 B/s), Gparam/s, bytes for sizes.
 
 Profiles are immutable; `with_ssd_devices(n)` and `with_cpu_memory(b)` make the variants `--what-if` asks
 about. `load_profile` rejects unknown keys and impossible values with a `ProfileError` naming the key.
@@ -238,15 +240,34 @@ class AdamRate:
     gparams_per_s: float
 
 
+# Host-cache copy rate assumed where a profile has none (profiles written before the probe measured it): an
+# assumption, not a measurement. The copies are the SSD actor's, between /dev/shm cache files and ring
+# slots (pread/pwrite in 4 MiB chunks on the store's I/O threads, up to 4 records at once, writes into
+# freshly allocated tmpfs pages); taken low for a server's memory system so an unmeasured cache is not
+# flattered. `fuyou-ray probe` measures it.
+DEFAULT_MEMCPY_GBPS = 6.0
+
+
 @dataclass(frozen=True)
 class CPUProfile:
-    """Host cores, memory, and the optimizer's rate by thread count."""
+    """Host cores, memory, the optimizer's rate by thread count, and the host cache's copy rate.
+
+    `memcpy_gbps` is the total rate of the SSD actor's host-cache copies (fuyou_ray/cache.py: a cached
+    record's read copies its /dev/shm file into a ring slot, its write copies the slot into a new file),
+    measured by the probe as reads and writes at once with the actor's concurrency; copies running together
+    share it. 0 = not measured: `memcpy_bps` then assumes DEFAULT_MEMCPY_GBPS.
+    """
 
     name: str = "unknown"
     cores: int = 1
     memory_bytes: int = 0
     shm_bytes: int = 0  # /dev/shm size: the ring lives there
     adam: tuple[AdamRate, ...] = ()
+    memcpy_gbps: float = 0.0
+
+    def memcpy_bps(self) -> float:
+        """Bytes/s of host-cache copies in total (the measured rate, else DEFAULT_MEMCPY_GBPS)."""
+        return (self.memcpy_gbps if self.memcpy_gbps > 0 else DEFAULT_MEMCPY_GBPS) * 1e9
 
     def adam_rate(self, threads: int) -> float:
         """Params/s of fused AdamW on `threads` threads (interpolated; flat beyond the largest measured)."""
@@ -397,4 +418,9 @@ def _validate(p: HardwareProfile, where: str) -> None:
         require(
             a.threads >= 1 and a.gparams_per_s > 0, f"cpu.adam[{i}]", "threads >= 1 and gparams_per_s > 0"
         )
+    require(
+        p.cpu.memcpy_gbps >= 0,
+        "cpu.memcpy_gbps",
+        f"must be >= 0 (0 = not measured: {DEFAULT_MEMCPY_GBPS} GB/s assumed)",
+    )
     require(p.call_overhead_s >= 0 and p.commit_s >= 0, "call_overhead_s/commit_s", "must be >= 0")

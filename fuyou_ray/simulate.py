@@ -9,13 +9,16 @@ Each op is priced as a sequence of stages, each on one resource (see `op_stages`
   gpu        seconds of compute (FLOPs of the unit call at the profile's rate for the chunk size)
   h2d, d2h   bytes over PCIe; both directions at once share the duplex bandwidth
   ssd_read, ssd_write   bytes; concurrent requests share the SSD bandwidth at the plan's queue depth
+  cache_read, cache_write   bytes the SSD actor copies between the host cache's /dev/shm files and ring
+             slots (fuyou_ray/cache.py); concurrent copies share the profile's `cpu.memcpy_gbps`
   cpu        AdamW elements; each optimizer actor at its thread count's rate, the pool capped by the rate of
              all its threads together (memory bandwidth)
   wait       a fixed delay that uses nothing (an actor call's overhead, the commit's fsyncs)
 Actors execute as Ray executes them: `gpu`, each `opt<k>` and the copy streams `h2d`/`d2h` run their ops
 one at a time in submission order; `ssd` (a threaded actor) runs up to `ssd_concurrency` at once, starting
-ops as their dependencies resolve; `host` ops (CPU-cache hits) cost nothing. Shared resources are divided
-among the stages using them at each instant (processor sharing), so overlap, contention and pipeline
+ops as their dependencies resolve, host-cache copies among them (`ssd.cache_read`, `ssd.cache_write`,
+and `ssd.cache_write_through`: the copy, then the SSD write); `host` ops cost nothing. Shared resources are
+divided among the stages using them at each instant (processor sharing), so overlap, contention and pipeline
 fill/drain come out of the replay rather than a formula. The result carries per-resource busy time as
 `fuyou_ray.timeline.Span`s, the same lanes the actors record, so prediction and measurement compare lane
 by lane.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, overload
 
 from fuyou_ray.costmodel import (
@@ -40,21 +43,27 @@ from fuyou_ray.costmodel import (
 from fuyou_ray.costmodel import call_seconds as _call_seconds
 from fuyou_ray.optim import AdamWStep, shard_ranges
 from fuyou_ray.profile import HardwareProfile
+from fuyou_ray.ring import RingSpec, SlotHandle, make_spec
 from fuyou_ray.schedule import Op, Ref, StepInputs, StepSchedule, build_step
 from fuyou_ray.timeline import Span
 
 if TYPE_CHECKING:
     from fuyou_ray.plan import Plan
 
-RESOURCES = ("gpu", "h2d", "d2h", "ssd_read", "ssd_write", "cpu", "wait")
+RESOURCES = ("gpu", "h2d", "d2h", "ssd_read", "ssd_write", "cache_read", "cache_write", "cpu", "wait")
+# Lanes as the actors record them (fuyou_ray/timeline.py; the SSD actor records host-cache copies as
+# "cache read" / "cache write", actors/ssd_io.py).
 LANE_OF = {
     "gpu": "gpu compute",
     "h2d": "h2d",
     "d2h": "d2h",
     "ssd_read": "ssd read",
     "ssd_write": "ssd write",
+    "cache_read": "cache read",
+    "cache_write": "cache write",
     "cpu": "cpu adam",
 }
+CACHE_METHODS = ("cache_read", "cache_write", "cache_write_through")  # SSD-actor calls on cached records
 SSD_CONCURRENCY = 4  # the SSD actor's max_concurrency (fuyou_ray/executor.py)
 RAY_ACTORS = ("gpu", "ssd", "opt")  # ops on these are Ray actor calls and pay the call overhead
 
@@ -66,7 +75,7 @@ class SimulationError(RuntimeError):
 @dataclass(frozen=True)
 class Stage:
     resource: str
-    amount: float  # seconds (gpu, wait), bytes (h2d, d2h, ssd_*) or elements (cpu)
+    amount: float  # seconds (gpu, wait), bytes (h2d, d2h, ssd_*, cache_*) or elements (cpu)
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,12 @@ def op_stages(op: Op, env: SimEnv, memo: dict[tuple[int, str], float] | None = N
             stages.append(Stage("ssd_read", op.nbytes))
         elif method == "write":
             stages.append(Stage("ssd_write", op.nbytes))
+        elif method == "cache_read":
+            stages.append(Stage("cache_read", op.nbytes))
+        elif method == "cache_write":
+            stages.append(Stage("cache_write", op.nbytes))
+        elif method == "cache_write_through":  # CachedStore.write_from: the cache file, then the SSD
+            stages += [Stage("cache_write", op.nbytes), Stage("ssd_write", op.nbytes)]
         elif method in ("commit", "publish"):
             stages.append(Stage("wait", prof.commit_s))  # a manifest / journal record, fsync'd
     elif op.actor.startswith("opt") and method == "update":
@@ -147,7 +162,7 @@ class SimResult:
     """The replay of one step: its length, each resource's busy time, and the busy intervals."""
 
     step_s: float
-    busy: dict[str, float]  # seconds each lane was busy (union of its intervals); 'pcie' and 'ssd' too
+    busy: dict[str, float]  # seconds each lane was busy (union of its intervals); 'pcie', 'ssd', 'memcpy' too
     spans: Sequence[Span] = field(repr=False)
     op_end: tuple[float, ...] = field(repr=False)
 
@@ -169,6 +184,7 @@ def simulate(sched: StepSchedule, env: SimEnv) -> SimResult:
 
     prof, plan = env.profile, env.plan
     adam_one = prof.cpu.adam_rate(plan.optimizer_threads)
+    copy_bps = prof.cpu.memcpy_bps()
     pcie_memo: dict[tuple[bool, bool], tuple[float, float]] = {}
     ssd_memo: dict[tuple[int, int], tuple[float, float]] = {}
     cpu_memo: dict[int, float] = {}
@@ -253,6 +269,11 @@ def simulate(sched: StepSchedule, env: SimEnv) -> SimResult:
                 rr, ww = ssd_memo[nr, nw]
                 for i in members:
                     rate[i] = (rr / nr) if res == "ssd_read" else (ww / nw)
+            elif res in ("cache_read", "cache_write"):
+                # Every copy in flight, either way, shares the host's copy rate.
+                copies = len(by_res.get("cache_read", ())) + len(by_res.get("cache_write", ()))
+                for i in members:
+                    rate[i] = copy_bps / copies
             elif res == "cpu":
                 if k not in cpu_memo:
                     cpu_memo[k] = min(adam_one, prof.cpu.adam_rate(plan.optimizer_threads * k) / k)
@@ -286,6 +307,7 @@ def simulate(sched: StepSchedule, env: SimEnv) -> SimResult:
     busy = {lane: _union(spans, (lane,)) for lane in LANE_OF.values()}
     busy["pcie"] = _union(spans, ("h2d", "d2h"))
     busy["ssd"] = _union(spans, ("ssd read", "ssd write"))
+    busy["memcpy"] = _union(spans, ("cache read", "cache write"))
     return SimResult(now, busy, _Spans(spans, ops), tuple(end))
 
 
@@ -335,16 +357,16 @@ def _union(spans: list[tuple[str, int, float, float, int]], lanes: tuple[str, ..
 def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
     """The schedule the pipeline runs today (`fuyou_ray.schedule.build_step`) for this workload.
 
-    It ignores the planner's new fields: every unit keeps its input and recomputes in backward, all state
-    lives on SSD, and with clipping the gradients are logged to SSD and the optimizer runs after the last
-    backward. How the GPU actor executes its calls (actors/gpu_compute.py) is modelled too: on CUDA a
-    forward / backward / head call returns once its params are copied in and leaves the compute queued
-    on the device's stream, so the next call's copy overlaps it; `emit_grad` first waits for every compute
-    queued so far, then copies the gradient out (as do `step_summary` and `clip_coefficient`, which read
-    device values). On the CPU fallback every call is synchronous.
+    It ignores the planner's schedule fields: every unit keeps its input and recomputes in backward, and
+    with clipping the gradients are logged and the optimizer runs after the last backward. It keeps the
+    plan's host cache (`cpu_cached_state`, `cpu_cached_params`, a "cpu" gradient log, write-through), which
+    the pipeline implements: see `host_cache_ops`. How the GPU actor executes its calls
+    (actors/gpu_compute.py) is modelled too: on CUDA a forward / backward / head call returns once its
+    params are copied in and leaves the compute queued on the device's stream, so the next call's copy
+    overlaps it; `emit_grad` first waits for every compute queued so far, then copies the gradient out (as
+    do `step_summary` and `clip_coefficient`, which read device values). On the CPU fallback every call is
+    synchronous.
     """
-    from fuyou_ray.ring import make_spec
-
     ring = make_spec(plan.slot_bytes, plan.num_slots)
     inputs = StepInputs(
         step=0,
@@ -357,8 +379,67 @@ def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
         pool_size=plan.optimizer_actors,
         commit_meta={},
     )
-    sched = build_step(w.spec, ring, inputs)
+    sched = host_cache_ops(build_step(w.spec, ring, inputs), plan, ring, w.num_units)
     return _device_streams(sched, w) if device == "cuda" else sched
+
+
+def as_pipeline(plan: Plan) -> Plan:
+    """`plan` as the pipeline runs it today: the planner's schedule fields reset (`Plan.as_current`), its
+    host cache kept (the driver hands the cached units, a "cpu" gradient log and write-through to the SSD
+    actor: fuyou_ray.cache.cache_spec)."""
+    return replace(
+        plan.as_current(),
+        cpu_cached_params=plan.cpu_cached_params,
+        cpu_cached_state=plan.cpu_cached_state,
+        cache_write_through=plan.cache_write_through,
+        grad_log="cpu" if plan.grad_log_tier == "cpu" and plan.exact_clipping else "",
+    )
+
+
+def host_cache_ops(sched: StepSchedule, plan: Plan, ring: RingSpec, num_units: int) -> StepSchedule:
+    """build_step's SSD-actor reads and writes of the records `plan` caches turned into host-cache copies.
+
+    The records are those the driver gives the SSD actor (`fuyou_ray.cache.cache_spec`), which serves them
+    through its `CachedStore`: a read copies the record's cache file into the ring slot (`ssd.cache_read`);
+    a write copies the slot into a new cache file (`ssd.cache_write`), and in write-through mode a durable
+    record also goes to SSD (`ssd.cache_write_through`; the gradient log is transient and stays in the
+    cache). Steady state: the cache holds every cached record (the first step after a start reads them from
+    SSD once). Other records keep their SSD calls.
+    """
+    from fuyou_ray.cache import cache_spec
+
+    spec = cache_spec(plan, ring, 0)
+    names = spec.record_names(num_units)
+    if not names:
+        return sched
+    ops: list[Op] = []
+    for op in sched.ops:
+        if op.actor == "ssd" and op.method in ("read", "write") and _record_of(op, sched.ops) in names:
+            if op.method == "read":
+                method = "cache_read"
+            else:
+                transient = bool(op.args[2])  # write(slot, version, transient)
+                method = "cache_write_through" if spec.write_through and not transient else "cache_write"
+            op = replace(op, method=method)
+        ops.append(op)
+    return StepSchedule(ops, commit=sched.commit, summary=sched.summary)
+
+
+def _record_of(op: Op, ops: Sequence[Op]) -> str:
+    """The record an `ssd.read` / `ssd.write` of build_step moves: a read names it; a write takes a slot
+    handle carrying it, or the result of the op that filled the slot (a read, or `emit_grad`'s slot)."""
+    if op.method == "read":
+        return str(op.args[0])
+    arg = op.args[0]
+    if isinstance(arg, SlotHandle):
+        return arg.tensor
+    if isinstance(arg, Ref):
+        producer = ops[arg.op]
+        if producer.method == "read":
+            return str(producer.args[0])
+        if producer.method == "emit_grad" and isinstance(producer.args[1], SlotHandle):
+            return producer.args[1].tensor
+    raise SimulationError(f"op {op.id} (ssd.{op.method}): cannot tell which record it writes")
 
 
 def _device_streams(sched: StepSchedule, w: Workload) -> StepSchedule:
@@ -413,7 +494,10 @@ def build_planned_step(w: Workload, plan: Plan) -> StepSchedule:
     `ssd.write` move records, activations and logged gradients; `opt<k>.update` as in build_step.
     - prefetch: the copy of unit j's params (and swapped activations) waits for the compute that used the
       same device buffer, j - prefetch_depth - 1; with depth 0 copy and compute alternate (today).
-    - CPU-cached params / state are neither read from nor written to SSD (unless `cache_write_through`).
+    - CPU-cached params / state are neither read from nor written to SSD (write-through writes them): as
+      in the pipeline (fuyou_ray/cache.py), they are copied between the host cache and ring slots by the
+      SSD actor (`ssd.cache_read`, `ssd.cache_write`, `ssd.cache_write_through`). A "cpu" gradient log is
+      the host memory the gradients land in (no copies).
     - activations per policy: keep (nothing moves), recompute (the input goes to host memory and back),
       swap_cpu (everything the backward needs goes to host memory and back), swap_ssd (... and to SSD).
     - optimizer: 'backward' right after the unit's gradient reaches the host; 'after_backward' after the
@@ -442,13 +526,19 @@ def build_planned_step(w: Workload, plan: Plan) -> StepSchedule:
         k = len(computes) - back
         return [computes[k]] if k >= 0 else []
 
-    def read(nbytes: int, phase: str, unit: int, after: list[int]) -> tuple[int, int]:
+    def read(nbytes: int, phase: str, unit: int, after: list[int], cached: bool = False) -> tuple[int, int]:
         slot, f = ring.take()
-        op = s.add("ssd", "read", after=[*f, *after], phase=phase, unit=unit, nbytes=nbytes)
+        method = "cache_read" if cached else "read"
+        op = s.add("ssd", method, after=[*f, *after], phase=phase, unit=unit, nbytes=nbytes)
         return op, slot
 
-    def write(nbytes: int, phase: str, unit: int, after: list[int], slot: int | None) -> int:
-        op = s.add("ssd", "write", after=after, phase=phase, unit=unit, nbytes=nbytes)
+    def write(
+        nbytes: int, phase: str, unit: int, after: list[int], slot: int | None, cached: bool = False
+    ) -> int:
+        method = "write"
+        if cached:
+            method = "cache_write_through" if plan.cache_write_through else "cache_write"
+        op = s.add("ssd", method, after=after, phase=phase, unit=unit, nbytes=nbytes)
         ring.consumed_by(slot, [op])
         writes.append(op)
         return op
@@ -458,12 +548,11 @@ def build_planned_step(w: Workload, plan: Plan) -> StepSchedule:
     ) -> tuple[list[int], int | None]:
         numel = units[u].numel
         reads, slots = [], []
-        if u not in cached_s:
-            for _ in range(3):
-                r, sl = read(numel * 4, phase, u, [])
-                reads.append(r)
-                slots.append(sl)
-        p_slot, p_fence = (None, []) if u in cached_p else ring.take()
+        for _ in range(3):
+            r, sl = read(numel * 4, phase, u, [], cached=u in cached_s)
+            reads.append(r)
+            slots.append(sl)
+        p_slot, p_fence = ring.take()
         deps = [*reads, *grad, *p_fence, *extra]
         updates = [
             s.add(f"opt{k}", "update", after=deps, phase=phase, unit=u, nbytes=hi - lo)
@@ -471,12 +560,8 @@ def build_planned_step(w: Workload, plan: Plan) -> StepSchedule:
         ]
         ring.consumed_by(g_slot, updates)
         for sl in slots:
-            write(numel * 4, phase, u, updates, sl)
-        if u in cached_s and plan.cache_write_through:
-            for _ in range(3):
-                write(numel * 4, phase, u, updates, None)
-        if u not in cached_p:
-            write(numel * pb, phase, u, updates, p_slot)
+            write(numel * 4, phase, u, updates, sl, cached=u in cached_s)
+        write(numel * pb, phase, u, updates, p_slot, cached=u in cached_p)
         if u in resident and overlap == "next_forward":
             # The device copy is refreshed with the new params right before this step's first use.
             refresh = s.add("h2d", "copy", after=updates, phase=phase, unit=u, nbytes=numel * pb)
@@ -512,8 +597,8 @@ def build_planned_step(w: Workload, plan: Plan) -> StepSchedule:
         slot: int | None = None
         if new_p is not None:
             src, slot = new_p
-        elif u not in cached_p:
-            r, slot = read(units[u].numel * pb, phase, u, [])
+        else:
+            r, slot = read(units[u].numel * pb, phase, u, [], cached=u in cached_p)
             src = [r]
         h = s.add(
             "h2d",
@@ -610,6 +695,7 @@ class Prediction:
     account: StepAccount
     schedule: str  # "planned" or "current"
     sim: SimResult = field(repr=False)
+    plan: Plan | None = field(default=None, repr=False)  # what was simulated (current: as_pipeline's)
 
     @property
     def bound_s(self) -> float:
@@ -625,15 +711,16 @@ class Prediction:
 
 
 def predict(w: Workload, plan: Plan, profile: HardwareProfile, *, schedule: str = "planned") -> Prediction:
-    """Simulate one step of `plan` on `profile`: 'planned' (the plan's features) or 'current' (build_step)."""
-    sched = build_planned_step(w, plan) if schedule == "planned" else current_step(w, plan, plan.device)
+    """Simulate one step of `plan` on `profile`: 'planned' (the plan's features) or 'current' (build_step,
+    with the plan's host cache as the pipeline runs it: `as_pipeline`)."""
+    if schedule == "planned":
+        sched = build_planned_step(w, plan)
+    else:
+        plan = as_pipeline(plan)
+        sched = current_step(w, plan, plan.device)
     env = SimEnv(profile, w, plan, plan.ssd_queue_depth)
     sim = simulate(sched, env)
-    account = (
-        account_step(w, plan, profile)
-        if schedule == "planned"
-        else account_step(w, plan.as_current(), profile)
-    )
+    account = account_step(w, plan, profile, schedule=schedule)
     work = account.times(profile, plan.ssd_queue_depth, plan.optimizer_actors * plan.optimizer_threads)
     return Prediction(
         step_s=sim.step_s,
@@ -643,4 +730,5 @@ def predict(w: Workload, plan: Plan, profile: HardwareProfile, *, schedule: str 
         account=account,
         schedule=schedule,
         sim=sim,
+        plan=plan,
     )

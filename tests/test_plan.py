@@ -187,6 +187,34 @@ def test_the_prediction_is_recorded_in_the_plan(tmp_path: Path, spec: ModelSpec)
     assert pred.step_s >= pred.bound_s * (1 - 1e-9) and 0 < pred.efficiency <= 1
 
 
+def test_todays_prediction_runs_the_drivers_host_cache(tmp_path: Path, spec: ModelSpec) -> None:
+    """The current-schedule prediction caches what the driver's plan (make_plan) caches, so a config whose
+    cpu_mem holds everything moves no SSD byte, only host-cache copies; with runtime.cpu_cache off it is
+    the SSD's again."""
+    from fuyou_ray.cache import cache_spec
+    from fuyou_ray.commands.plan import pipeline_plan, plan_and_predict
+    from fuyou_ray.ring import make_spec
+
+    prof = dataclasses.replace(
+        io_bound_profile(), gpu=dataclasses.replace(io_bound_profile().gpu, device="cpu")
+    )
+    cfg = with_budget(config(tmp_path, clip=1.0), cpu_mem="1GiB")
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, cpu_cache="auto"))
+    driver = make_plan(cfg, spec, cpu_count=prof.cpu.cores)
+    result, current = plan_and_predict(cfg, spec, prof)
+    ours = pipeline_plan(cfg, spec, result.plan)
+    assert ours.num_slots == driver.num_slots and ours.cpu_bytes_needed == driver.cpu_bytes_needed
+    ring = make_spec(driver.slot_bytes, driver.num_slots)
+    assert cache_spec(ours, ring, 0) == cache_spec(driver, ring, 0)
+    assert len(driver.cpu_cached_state) == spec.num_units and driver.grad_log_tier == "cpu"
+    assert current.account.ssd_read_bytes == current.account.ssd_write_bytes == 0
+    assert current.account.cache_read_bytes > 0 and current.busy["memcpy"] > 0
+    off = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, cpu_cache="off"))
+    _, plain = plan_and_predict(off, spec, prof)
+    assert plain.account.cache_read_bytes == 0 and plain.account.ssd_read_bytes > 0
+    assert plain.step_s > current.step_s
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
 
@@ -253,7 +281,7 @@ def test_plan_command_prints_plan_prediction_and_limits(
         "largest model that fits",
     ):
         assert text in out, f"{text!r} missing from:\n{out}"
-    for res in ("gpu", "pcie", "ssd", "cpu"):
+    for res in ("gpu", "pcie", "ssd", "cpu", "memcpy"):
         assert f"\n  {res} " in out
 
 
@@ -288,4 +316,5 @@ def test_plan_command_runs_as_a_console_command(tmp_path: Path, profile_file: Pa
 
     data = json.loads(proc.stdout)
     assert data["plan"]["predicted_step_s"] == data["prediction"]["step_s"] > 0
-    assert set(data["prediction"]["work_s"]) == {"gpu", "pcie", "ssd", "cpu"}
+    assert set(data["prediction"]["work_s"]) == {"gpu", "pcie", "ssd", "cpu", "memcpy"}
+    assert {"cache read", "cache write", "memcpy"} <= set(data["current_schedule"]["busy_s"])

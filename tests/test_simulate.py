@@ -21,7 +21,15 @@ from fuyou_ray.profile import (
     SSDRate,
 )
 from fuyou_ray.schedule import Ref, StepSchedule
-from fuyou_ray.simulate import SimEnv, SimulationError, build_planned_step, predict, simulate
+from fuyou_ray.simulate import (
+    SimEnv,
+    SimulationError,
+    as_pipeline,
+    build_planned_step,
+    current_step,
+    predict,
+    simulate,
+)
 from tests.conftest import tiny_config
 
 FAST = 1e6  # GB/s or Gparam/s: a resource that never matters
@@ -41,6 +49,7 @@ def make_profile(
     cores: int = 8,
     overhead: float = 0.0,
     commit: float = 0.0,
+    memcpy: float = FAST,
 ) -> HardwareProfile:
     return HardwareProfile(
         name="test",
@@ -53,7 +62,9 @@ def make_profile(
             mixed_write_gbps=mixed[1],
             capacity_bytes=1 << 50,
         ),
-        cpu=CPUProfile("test-cpu", cores, 1 << 40, 1 << 40, tuple(AdamRate(t, r) for t, r in adam)),
+        cpu=CPUProfile(
+            "test-cpu", cores, 1 << 40, 1 << 40, tuple(AdamRate(t, r) for t, r in adam), memcpy_gbps=memcpy
+        ),
         call_overhead_s=overhead,
         commit_s=commit,
     )
@@ -250,6 +261,15 @@ def test_planned_schedule_moves_what_the_accounting_counts(
     assert moved["ssd read"] == acc.ssd_read_bytes
     assert moved["ssd write"] == acc.ssd_write_bytes
     assert moved["cpu adam"] == acc.adam_elements
+    assert moved["cache read"] == acc.cache_read_bytes
+    assert moved["cache write"] == acc.cache_write_bytes
+    # Cached records cross the ring through host-cache copies, as the SSD actor's CachedStore runs them.
+    pb = env.workload.param_bytes
+    numel = {u: env.workload.spec.units[u].numel for u in range(env.workload.num_units)}
+    cached_s, cached_p = env.plan.cpu_cached_state, env.plan.cpu_cached_params
+    assert acc.cache_write_bytes == sum(numel[u] * 12 for u in cached_s) + sum(
+        numel[u] * pb for u in cached_p
+    )
     assert moved["gpu compute"] == 0 and pred.busy["gpu compute"] == pytest.approx(acc.gpu_seconds, rel=1e-6)
     # No schedule beats the busiest resource.
     assert pred.step_s >= pred.bound_s * (1 - 1e-9)
@@ -271,3 +291,115 @@ def test_plan_rejects_unknown_policies() -> None:
         Plan("cpu", "float32", 4096, 5, 1, 1, False, 0, 0, 0, activation_policy=("swap_gpu",))
     with pytest.raises(ValueError, match="clip exactly"):
         Plan("cpu", "float32", 4096, 5, 1, 1, True, 0, 0, 0, optimizer_overlap="backward")
+
+
+# ------------------------------------------------------------------------------------------- host cache
+
+
+def cached_copy_bytes(env: SimEnv, *, grad_log: bool) -> tuple[int, int]:
+    """(bytes copied out of, into) the host cache by one step of build_step with every record cached, by
+    hand: params read in forward and backward (the head once) and written once, state (fp32 master, Adam
+    m, v) read and written once, the gradient log (fp32) written in backward and read by the optimizer."""
+    w = env.workload
+    out = into = 0
+    for u in range(w.num_units):
+        n = w.spec.units[u].numel
+        visits = 1 if u == w.num_units - 1 else 2
+        out += visits * n * w.param_bytes + 12 * n + (4 * n if grad_log else 0)
+        into += n * w.param_bytes + 12 * n + (4 * n if grad_log else 0)
+    return out, into
+
+
+def fully_cached(env: SimEnv, clip: float, **fields: object) -> Plan:
+    units = tuple(range(env.workload.num_units))
+    return dataclasses.replace(
+        env.plan,
+        cpu_cached_state=units,
+        cpu_cached_params=units,
+        grad_log="cpu" if clip else "",
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_current_schedule_of_a_fully_cached_plan_copies_instead_of_ssd(tmp_path: Path, clip: float) -> None:
+    """Every record in the host cache, write-back: no SSD byte moves; the SSD actor's copies between cache
+    files and ring slots take bytes / memcpy rate, shared among the copies in flight (the rest is free)."""
+    cfg = small_config(tmp_path, clip=clip)
+    prof = make_profile(tflops=1e6, read=1e-3, write=1e-3, memcpy=0.5)
+    env = env_for(prof, cfg)
+    pred = predict(env.workload, fully_cached(env, clip), prof, schedule="current")
+    out, into = cached_copy_bytes(env, grad_log=clip > 0)
+    assert pred.account.ssd_read_bytes == pred.account.ssd_write_bytes == 0
+    assert not [s for s in pred.sim.spans if s.lane in ("ssd read", "ssd write")]
+    assert sum(s.nbytes for s in pred.sim.spans if s.lane == "cache read") == out
+    assert sum(s.nbytes for s in pred.sim.spans if s.lane == "cache write") == into
+    assert (pred.account.cache_read_bytes, pred.account.cache_write_bytes) == (out, into)
+    # Processor sharing conserves work: the copy lane is busy (out + into) / rate, and with everything
+    # else free the step is the copies.
+    assert pred.busy["memcpy"] == pytest.approx((out + into) / 0.5e9, rel=1e-6)
+    assert pred.work.memcpy == pytest.approx((out + into) / 0.5e9, rel=1e-9)
+    assert pred.bottleneck == "memcpy"
+    assert pred.step_s == pytest.approx(pred.busy["memcpy"], rel=1e-6)
+    # Without the cache the same step is SSD-bound at the (slow) SSD rate.
+    plain = predict(env.workload, env.plan, prof, schedule="current")
+    assert plain.account.cache_read_bytes == 0 and plain.bottleneck == "ssd"
+    assert plain.step_s > 100 * pred.step_s
+
+
+def test_write_through_still_pays_the_ssd_writes(tmp_path: Path) -> None:
+    """Write-through copies every cached record into the cache and also writes it to SSD; the gradient
+    log, a transient record, stays in the cache. Reads come from the cache."""
+    cfg = small_config(tmp_path, clip=1.0)
+    prof = make_profile(tflops=1e6, read=1.0, write=0.01, memcpy=FAST)
+    env = env_for(prof, cfg)
+    pred = predict(env.workload, fully_cached(env, 1.0, cache_write_through=True), prof, schedule="current")
+    w = env.workload
+    durable = sum(u.numel * (w.param_bytes + 12) for u in w.spec.units)  # new P, master, m, v
+    out, into = cached_copy_bytes(env, grad_log=True)
+    assert pred.account.ssd_read_bytes == 0
+    assert pred.account.ssd_write_bytes == durable
+    assert sum(s.nbytes for s in pred.sim.spans if s.lane == "ssd write") == durable
+    assert sum(s.nbytes for s in pred.sim.spans if s.lane == "cache write") == into
+    assert pred.account.cache_read_bytes == out
+    assert pred.bottleneck == "ssd"
+    assert pred.step_s == pytest.approx(durable / 0.01e9, rel=0.01)
+
+
+def test_only_the_cached_units_leave_the_ssd(tmp_path: Path) -> None:
+    """State cached for some units only (as fill_cache does on a tight budget): the other units' records
+    keep their SSD reads and writes, the cached ones are copies."""
+    cfg = small_config(tmp_path, clip=1.0)
+    prof = make_profile(tflops=1e6, read=1.0, write=1.0, memcpy=1.0)
+    env = env_for(prof, cfg)
+    w = env.workload
+    plan = dataclasses.replace(env.plan, cpu_cached_state=(1, 2))
+    pred = predict(w, plan, prof, schedule="current")
+    n = {u: w.spec.units[u].numel for u in range(w.num_units)}
+    state_on_ssd = 12 * sum(v for u, v in n.items() if u not in (1, 2))
+    params = sum(n.values()) * w.param_bytes
+    head = n[w.num_units - 1] * w.param_bytes
+    grads = 4 * sum(n.values())
+    assert pred.account.cache_read_bytes == pred.account.cache_write_bytes == 12 * (n[1] + n[2])
+    assert pred.account.ssd_read_bytes == state_on_ssd + 2 * params - head + grads
+    assert pred.account.ssd_write_bytes == state_on_ssd + params + grads
+    moved = sum(s.nbytes for s in pred.sim.spans if s.lane == "ssd read")
+    assert moved == pred.account.ssd_read_bytes
+
+
+def test_the_current_schedule_keeps_the_cache_but_not_the_planners_schedule(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path, clip=1.0)
+    env = env_for(make_profile(), cfg)
+    plan = dataclasses.replace(
+        fully_cached(env, 1.0),
+        prefetch_depth=2,
+        optimizer_overlap="next_forward",
+        gpu_resident_params=(1,),
+    )
+    current = as_pipeline(plan)
+    assert current.prefetch_depth == 0 and current.overlap == "after_backward"
+    assert not current.gpu_resident_params
+    assert current.cpu_cached_state == plan.cpu_cached_state and current.grad_log_tier == "cpu"
+    sched = current_step(env.workload, current)
+    methods = {op.method for op in sched.ops if op.actor == "ssd"}
+    assert methods == {"cache_read", "cache_write", "publish", "commit"}

@@ -117,17 +117,38 @@ def parse_what_if(text: str) -> tuple[str, list[Any]]:
 
 
 def plan_and_predict(cfg: Any, spec: Any, profile: Any, schedule: str = "planned") -> tuple[Any, Any]:
-    """The planner's result and the prediction for today's schedule (same budgets, pool and ring)."""
+    """The planner's result and the prediction for today's schedule (`pipeline_plan`)."""
     from fuyou_ray.plan import auto_plan, workload_of
     from fuyou_ray.simulate import predict
 
     result = auto_plan(cfg, spec, profile)
-    current_plan = result.plan.as_current()
+    current_plan = pipeline_plan(cfg, spec, result.plan)
     w = workload_of(cfg, spec, current_plan.device, cfg.batch.micro_batch)
-    current = predict(
-        w, dataclasses.replace(current_plan, micro_batch=cfg.batch.micro_batch), profile, schedule="current"
-    )
+    current = predict(w, current_plan, profile, schedule="current")
     return result, current
+
+
+def pipeline_plan(cfg: Any, spec: Any, planned: Any) -> Any:
+    """The plan today's pipeline runs for `cfg`: the planner's device, optimizer pool and SSD queue depth,
+    with the ring and the host cache as `make_plan` (the driver's plan) sizes them - as many slots as
+    `budgets.cpu_mem` holds up to MAX_USEFUL_SLOTS, then `fill_cache` with what is left when
+    `runtime.cpu_cache` is auto (the cache the SSD actor keeps; its copies are part of the prediction)."""
+    from fuyou_ray.costmodel import WORKING_SLOTS
+    from fuyou_ray.plan import MAX_USEFUL_SLOTS, fill_cache
+    from fuyou_ray.schedule import MIN_SLOTS
+
+    slot = planned.slot_bytes
+    slots = int(max(MIN_SLOTS, min(cfg.budgets.cpu_mem // slot - WORKING_SLOTS, MAX_USEFUL_SLOTS)))
+    plan = dataclasses.replace(
+        planned.as_current(),
+        micro_batch=cfg.batch.micro_batch,
+        num_slots=slots,
+        ring_bytes=slots * slot,
+        cpu_bytes_needed=(slots + WORKING_SLOTS) * slot,
+    )
+    if cfg.runtime.cpu_cache == "auto":
+        plan = fill_cache(plan, spec, cfg.budgets.cpu_mem, write_through=cfg.runtime.cache_write_through)
+    return plan
 
 
 def with_value(cfg: Any, key: str, value: Any) -> tuple[Any, Any]:
@@ -255,19 +276,34 @@ def render(cfg: Any, spec: Any, profile: Any, result: Any, current: Any, schedul
     ]
     shown = pred if schedule == "planned" else current
     title = "the planned pipeline" if schedule == "planned" else "today's schedule (build_step)"
+    if schedule == "current":
+        lines += [*_pipeline_lines(cfg, current, n), ""]
     work = shown.work.as_dict()
     busy = shown.busy
-    sim_busy = {"gpu": busy["gpu compute"], "pcie": busy["pcie"], "ssd": busy["ssd"], "cpu": busy["cpu adam"]}
+    sim_busy = {
+        "gpu": busy["gpu compute"],
+        "pcie": busy["pcie"],
+        "ssd": busy["ssd"],
+        "cpu": busy["cpu adam"],
+        "memcpy": busy["memcpy"],
+    }
     lines += [
         f"prediction: one simulated step of {title}",
         f"  step time        {shown.step_s:.3f} s   {shown.tflops:.1f} model TFLOPS "
         "(6 x params x tokens + attention per second; recompute not counted)",
         f"  {'resource':<10}{'busy in the replay':>20}{'work alone':>14}",
     ]
-    for res in ("gpu", "pcie", "ssd", "cpu"):
+    for res in ("gpu", "pcie", "ssd", "cpu", "memcpy"):
         lines.append(f"  {res:<10}{sim_busy[res]:>18.3f} s{work[res]:>12.3f} s")
+    acc = shown.account
+    gib = 2**30
     lines += [
-        f"  bound            max(T_gpu, T_pcie, T_ssd, T_cpu) = {shown.bound_s:.3f} s, "
+        f"  moved            SSD read {acc.ssd_read_bytes / gib:.2f} GiB, "
+        f"write {acc.ssd_write_bytes / gib:.2f} GiB; host cache copies in "
+        f"{acc.cache_read_bytes / gib:.2f} GiB, out {acc.cache_write_bytes / gib:.2f} GiB "
+        f"at {profile.cpu.memcpy_bps() / 1e9:.1f} GB/s"
+        + ("" if profile.cpu.memcpy_gbps > 0 else " (assumed: the profile has no cpu.memcpy_gbps)"),
+        f"  bound            max(T_gpu, T_pcie, T_ssd, T_cpu, T_memcpy) = {shown.bound_s:.3f} s, "
         f"bottleneck: {shown.bottleneck}",
         f"  efficiency       bound / step = {shown.efficiency:.2f}",
     ]
@@ -292,6 +328,26 @@ def render(cfg: Any, spec: Any, profile: Any, result: Any, current: Any, schedul
         f"  largest model that fits   {model_line}",
     ]
     return "\n".join(lines)
+
+
+def _pipeline_lines(cfg: Any, current: Any, n: int) -> list[str]:
+    """What today's pipeline runs with where it differs from the plan above: make_plan's ring and cache."""
+    from fuyou_ray.config import format_size
+
+    plan = current.plan
+    if plan.cpu_cached_state or plan.cpu_cached_params or plan.grad_log_tier == "cpu":
+        mode = "write-through" if plan.cache_write_through else "write-back"
+        cache = (
+            f"{mode}: state of {_units(plan.cpu_cached_state, n)}, params of "
+            f"{_units(plan.cpu_cached_params, n)}, gradient log {plan.grad_log_tier}"
+        )
+    else:
+        cache = f"none (runtime.cpu_cache {cfg.runtime.cpu_cache}, or cpu_mem holds only the ring)"
+    return [
+        "today's pipeline (make_plan: the driver's plan)",
+        f"  ring                  {plan.num_slots} slots x {format_size(plan.slot_bytes)}",
+        f"  host cache            {cache}",
+    ]
 
 
 def result_dict(result: Any, current: Any) -> dict[str, Any]:
