@@ -10,6 +10,8 @@ What it measures, each the way the pipeline will see it:
   4 MiB requests from a thread pool) writing and reading a record of `ssd_file_mib`, at each queue depth
   (= io_threads), in each directory alone and striped over all of them, and reads + writes at once.
 - CPU optimizer: fuyou_ray.optim.adamw_update_ (torch's fused AdamW) by thread count.
+- host cache: the SSD actor's copies between /dev/shm cache files and ring slots (fuyou_ray/cache.py's
+  HostCache, as CachedStore uses it), reads and writes at once with the actor's concurrency.
 - memory: host RAM, /dev/shm, device memory.
 No Ray: the probe runs where only torch is installed. Files it writes go to `fuyou-probe-<pid>/` inside each
 SSD directory and are removed afterwards.
@@ -18,6 +20,8 @@ SSD directory and are removed afterwards.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -59,6 +63,7 @@ class ProbeOptions:
     adam_melements: int = 16  # elements (millions) per AdamW measurement
     block_shapes: tuple[tuple[int, int], ...] = ()  # (d_model, tokens) of the GPT blocks; () = by device
     adam_threads: tuple[int, ...] = ()  # thread counts for AdamW; () = 1, 2, 4, ... up to the cores
+    cache_mib: int = 256  # MiB per host-cache copy measurement (the records of one pass); 0 = skip
     name: str = ""
     budget_s: float = 100.0  # optional measurements are skipped past this, with a note
     notes: list[str] = field(default_factory=list)
@@ -77,6 +82,11 @@ def run_probe(options: ProbeOptions, log: Callable[[str], None] = print) -> Hard
     pcie = probe_copies(device, options.copy_mib, log, notes)
     ssd = probe_ssd(options, log, notes)
     cpu = probe_cpu(options.adam_melements, log, notes, options.adam_threads)
+    if options.cache_mib > 0:
+        copy_bps = probe_host_cache(options.cache_mib, log, notes)
+        cpu = dataclasses.replace(cpu, memcpy_gbps=_sig(copy_bps / 1e9))
+    else:
+        notes.append("cpu.memcpy_gbps: not measured (--cache-mib 0); plans assume the default rate")
     notes.append(
         f"call_overhead_s: not measured (no Ray here); {RAY_CALL_OVERHEAD_S * 1e3:.2f} ms from DESIGN.md"
     )
@@ -448,6 +458,81 @@ def probe_cpu(
     return CPUProfile(
         name=_cpu_name(), cores=cores, memory_bytes=_host_memory(), shm_bytes=shm, adam=tuple(rates)
     )
+
+
+def probe_host_cache(
+    mib: int,
+    log: Callable[[str], None],
+    notes: list[str],
+    concurrency: int = 4,
+    threads: int = 8,
+    passes: int = 2,
+) -> float:
+    """Bytes/s of the host cache's copies as the SSD actor runs them (0 when /dev/shm lacks room).
+
+    The actor serves up to `concurrency` calls at once (its max_concurrency, fuyou_ray/executor.py); its
+    `HostCache` splits each record into 4 MiB chunks over `threads` threads (ssd.io_threads' default).
+    Half the calls read a cached record (its /dev/shm file copied into a ring slot, a shared-memory
+    segment), half write one (a slot copied into a new file: fresh tmpfs pages, as each step's new
+    versions are) - `mib` MiB in all per pass, the best of `passes`. Reads alone and writes alone are
+    logged for reference.
+    """
+    from fuyou_ray.cache import HostCache, cache_prefix
+    from fuyou_ray.ring import Ring, RingMapping, _shm_free_bytes, make_spec
+    from fuyou_ray.store import align_up
+
+    per = align_up(max(1, mib * 2**20 // concurrency))
+    spec = make_spec(per, 2 * concurrency)
+    need = spec.total_bytes + 3 * concurrency * per  # the slots, the cached records, one pass's writes
+    free = _shm_free_bytes()
+    if free is not None and free < need:
+        notes.append(
+            f"cpu.memcpy_gbps: not measured (/dev/shm has {free >> 20} MiB free, needs {need >> 20} MiB); "
+            "plans assume the default rate"
+        )
+        return 0.0
+    with Ring(spec):
+        mapping = RingMapping(spec)
+        cache = HostCache(cache_prefix(spec), threads)
+        try:
+            slots = [mapping.memoryview(spec.slot(i)) for i in range(spec.num_slots)]
+            for i, view in enumerate(slots):
+                view[:] = bytes([i + 1]) * per  # touch every page: a first touch pays page faults
+            for k in range(concurrency):
+                cache.write(f"u{k:05d}.cached", 0, slots[k])
+            version = 0
+
+            def timed(reads: int, writes: int) -> float:
+                nonlocal version
+                best = math.inf
+                for _ in range(passes):
+                    version += 1
+                    jobs: list[Callable[[], object]] = [
+                        functools.partial(cache.read, f"u{k:05d}.cached", 0, slots[concurrency + k])
+                        for k in range(reads)
+                    ]
+                    jobs += [
+                        functools.partial(cache.write, f"u{k:05d}.new", version, slots[k])
+                        for k in range(writes)
+                    ]
+                    best = min(best, _concurrent(jobs))
+                    cache.keep_only({(f"u{k:05d}.cached", 0) for k in range(concurrency)})
+                return (reads + writes) * per / best
+
+            read = timed(concurrency, 0)
+            write = timed(0, concurrency)
+            mixed = timed(concurrency // 2, concurrency - concurrency // 2)
+            for view in slots:
+                view.release()  # before the mapping closes (an exported mmap cannot be closed)
+        finally:
+            cache.remove_all()
+            cache.close()
+            mapping.close()
+    log(
+        f"host cache copies ({concurrency} at once, {threads} threads): cache -> ring {read / 1e9:.2f} GB/s, "
+        f"ring -> cache {write / 1e9:.2f} GB/s, both at once {mixed / 1e9:.2f} GB/s"
+    )
+    return mixed
 
 
 def _cpu_name() -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from fuyou_ray.probe import ProbeOptions, run_probe
 from fuyou_ray.profile import (
+    DEFAULT_MEMCPY_GBPS,
     AdamRate,
     BlockRate,
     CPUProfile,
@@ -37,7 +39,7 @@ def sample_profile() -> HardwareProfile:
             mixed_write_gbps=0.8,
             capacity_bytes=10**12,
         ),
-        cpu=CPUProfile("cpu", 16, 64 << 30, 32 << 30, (AdamRate(1, 0.5), AdamRate(8, 3.0))),
+        cpu=CPUProfile("cpu", 16, 64 << 30, 32 << 30, (AdamRate(1, 0.5), AdamRate(8, 3.0)), 12.5),
         notes=("made up for a test",),
     )
 
@@ -69,6 +71,21 @@ def test_unknown_key_and_bad_values_are_named() -> None:
     data = sample_profile().to_dict()
     data["cpu"]["adam"] = []
     with pytest.raises(ProfileError, match=r"cpu\.adam"):
+        profile_from_dict(data)
+
+
+def test_a_profile_without_the_host_copy_rate_loads_with_the_default(tmp_path: Path) -> None:
+    """Profiles written before cpu.memcpy_gbps existed (the recorded H100 box's among them) still load;
+    the host cache's copies are then priced at the documented default."""
+    data = sample_profile().to_dict()
+    del data["cpu"]["memcpy_gbps"]
+    old = profile_from_dict(data)
+    assert old.cpu.memcpy_gbps == 0 and old.cpu.memcpy_bps() == DEFAULT_MEMCPY_GBPS * 1e9
+    assert sample_profile().cpu.memcpy_bps() == 12.5e9
+    recorded = load_profile(REPO / "configs" / "profiles" / "h100-box-recorded.yaml")
+    assert recorded.cpu.memcpy_bps() > 0
+    data["cpu"]["memcpy_gbps"] = -1.0
+    with pytest.raises(ProfileError, match=r"cpu\.memcpy_gbps"):
         profile_from_dict(data)
 
 
@@ -134,7 +151,9 @@ def test_probe_on_this_machine(tmp_path: Path) -> None:
         adam_melements=1,
         block_shapes=((64, 128), (128, 256)),
         adam_threads=(1,),
+        cache_mib=8,
     )
+    ours = f"-{os.getpid()}-"  # ring and cache files are named after the creating process
     lines: list[str] = []
     prof = run_probe(options, log=lines.append)
     assert prof.gpu.device == "cpu" and prof.gpu.block_tflops > 0 and len(prof.gpu.points) == 2
@@ -143,7 +162,10 @@ def test_probe_on_this_machine(tmp_path: Path) -> None:
     assert all(r.read_gbps > 0 and r.write_gbps > 0 for r in prof.ssd.rates)
     assert prof.ssd.mixed_read_gbps > 0 and prof.ssd.capacity_bytes > 0
     assert prof.cpu.adam[0].threads == 1 and prof.cpu.adam[0].gparams_per_s > 0
+    assert prof.cpu.memcpy_gbps > 0 and any(line.startswith("host cache copies") for line in lines)
     assert list(ssd.iterdir()) == [], "the probe must remove its files"
+    left = [p.name for p in Path("/dev/shm").iterdir() if ours in p.name]
+    assert left == [], f"the probe must remove its ring and cache files: {left}"
     path = tmp_path / "p.yaml"
     prof.save(path)
     assert load_profile(path) == prof

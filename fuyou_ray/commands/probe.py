@@ -12,7 +12,8 @@ EPILOG = """examples:
 then: fuyou-ray plan CONFIG --profile profile.yaml
 It takes about a minute: GPT-block TFLOPS by shape, host<->device copies, SSD read/write by queue depth
 (through the project's O_DIRECT store, files of --ssd-file-mib in each directory, removed afterwards) and
-CPU AdamW by thread count."""
+CPU AdamW by thread count, and the host cache's copies between /dev/shm files and ring slots
+(--cache-mib per measurement; 0 skips it: plans then assume the default rate)."""
 
 
 def register(sub: Any) -> None:
@@ -35,6 +36,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--adam-melements", type=int, default=16, help="million elements per AdamW run (default 16)"
     )
+    p.add_argument(
+        "--cache-mib",
+        type=int,
+        default=256,
+        help="MiB per host-cache copy measurement (default 256; 0 = skip, the plan assumes a rate)",
+    )
     p.set_defaults(func=run)
 
 
@@ -54,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("ssd_file_mib", "copy_mib", "adam_melements"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1")
+    if args.cache_mib < 0:
+        raise ConfigError("--cache-mib must be >= 0 (0 skips the host-cache measurement)")
     options = ProbeOptions(
         ssd_dirs=tuple(dirs),
         ssd_file_mib=args.ssd_file_mib,
@@ -61,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         copy_mib=args.copy_mib,
         adam_melements=args.adam_melements,
+        cache_mib=args.cache_mib,
         name=args.name,
     )
     profile = run_probe(options, log=lambda line: print(line, flush=True))
