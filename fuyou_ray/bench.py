@@ -49,6 +49,7 @@ class Rates:
     ssd_write_mixed: float
     adam_params: float  # whole pool
     ray_call_s: float  # one pipelined no-op actor call
+    cache_copy: float = 0.0  # host cache <-> ring copies, both ways at once (0: the plan caches nothing)
 
 
 def _time(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> float:
@@ -192,15 +193,20 @@ def measure_ray_call() -> float:
 
 
 def measure_rates(
-    cfg: RunConfig, spec: ModelSpec, device: str, param_dtype: str, pool: int, threads: int
+    cfg: RunConfig, spec: ModelSpec, device: str, param_dtype: str, pool: int, threads: int, cached: bool
 ) -> Rates:
+    """The component rates; the host cache's copy rate only when the plan caches something (`cached`)."""
+    from fuyou_ray.probe import probe_host_cache
+
     dtype = torch.bfloat16 if param_dtype == "bfloat16" else torch.float32
     largest = max(u.numel for u in spec.units)
     gpu = measure_gpu(cfg, spec, device, dtype)
     h2d, d2h = measure_pcie(min(largest * 4, 1 << 30))
     ssd = measure_ssd(cfg, min(largest * 4, 256 << 20))
     adam = measure_adam(min(largest, 64 << 20), threads) * pool
-    return Rates(device, gpu, h2d, d2h, *ssd, adam, measure_ray_call())
+    notes: list[str] = []
+    copy = probe_host_cache(256, lambda _: None, notes, threads=cfg.ssd.io_threads) if cached else 0.0
+    return Rates(device, gpu, h2d, d2h, *ssd, adam, measure_ray_call(), copy)
 
 
 @dataclass(frozen=True)
@@ -215,10 +221,16 @@ class StepWork:
     ssd_write_bytes: float
     adam_params: float
     gpu_calls: int
+    cache_bytes: float = 0.0  # copied between the host cache and ring slots, both ways
 
 
 def step_work(
-    cfg: RunConfig, spec: ModelSpec, param_bytes: int, ssd_read: float, ssd_write: float
+    cfg: RunConfig,
+    spec: ModelSpec,
+    param_bytes: int,
+    ssd_read: float,
+    ssd_write: float,
+    cache_bytes: float = 0.0,
 ) -> StepWork:
     tokens = cfg.batch.global_batch * cfg.batch.seq_len
     model_flops = spec.flops_per_token(cfg.batch.seq_len) * tokens
@@ -234,6 +246,7 @@ def step_work(
         ssd_write_bytes=ssd_write,
         adam_params=float(spec.numel),
         gpu_calls=1 + 3 * spec.num_units + 2,
+        cache_bytes=cache_bytes,
     )
 
 
@@ -245,6 +258,7 @@ def bound_seconds(work: StepWork, r: Rates) -> dict[str, float]:
         "pcie": max(work.h2d_bytes / r.h2d, work.d2h_bytes / r.d2h),
         "ssd": min(serial, mixed),
         "cpu": work.adam_params / r.adam_params,
+        "memcpy": work.cache_bytes / r.cache_copy if r.cache_copy > 0 else 0.0,
     }
 
 
@@ -261,8 +275,9 @@ def run_bench(cfg: RunConfig, warmup: int = 1, steps: int = 3) -> dict[str, Any]
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     for p in cfg.ssd.paths:
         Path(p).mkdir(parents=True, exist_ok=True)
+    cached = bool(plan.cpu_cached_state or plan.cpu_cached_params or plan.grad_log_tier == "cpu")
     rates = measure_rates(
-        cfg, spec, plan.device, plan.param_dtype, plan.optimizer_actors, plan.optimizer_threads
+        cfg, spec, plan.device, plan.param_dtype, plan.optimizer_actors, plan.optimizer_threads, cached
     )
     first = train(cfg, stop_after=warmup)
     if plan.device == "cuda":
@@ -276,6 +291,7 @@ def run_bench(cfg: RunConfig, warmup: int = 1, steps: int = 3) -> dict[str, Any]
         2 if plan.param_dtype == "bfloat16" else 4,
         io.get("ssd_read_per_step", io.get("bytes_read", 0) / n),
         io.get("ssd_written_per_step", io.get("bytes_written", 0) / n),
+        (io.get("cache_bytes_read", 0) + io.get("cache_bytes_written", 0)) / n,
     )
     bounds = bound_seconds(work, rates)
     bound = max(bounds.values())
@@ -336,6 +352,7 @@ def format_table(r: dict[str, Any]) -> str:
         f"  SSD read + write at once                   {rates['ssd_read_mixed'] / 1e9:9.2f} + "
         f"{rates['ssd_write_mixed'] / 1e9:.2f} GB/s",
         f"  CPU fused AdamW (pool)                     {rates['adam_params'] / 1e9:9.2f} Gparam/s",
+        f"  host cache <-> ring copies (both at once)  {rates.get('cache_copy', 0) / 1e9:9.2f} GB/s",
         f"  Ray actor call (pipelined)                 {rates['ray_call_s'] * 1e3:9.3f} ms",
         "one step:",
         f"  {'resource':10} {'work':>22} {'bound time':>11} {'busy (timeline)':>16}",
@@ -348,6 +365,8 @@ def format_table(r: dict[str, Any]) -> str:
         f"{b['ssd']:10.3f}s {max(r['busy_s'].get('ssd read', 0), r['busy_s'].get('ssd write', 0)):15.3f}s",
         f"  {'cpu adam':10} {r['work']['adam_params'] / 1e9:16.2f} Gparam {b['cpu']:10.3f}s "
         f"{r['busy_s'].get('cpu adam', 0):15.3f}s",
+        f"  {'cache copy':10} {r['work'].get('cache_bytes', 0) / gib:18.2f} GiB {b.get('memcpy', 0):10.3f}s "
+        f"{max(r['busy_s'].get('cache read', 0), r['busy_s'].get('cache write', 0)):15.3f}s",
         f"  step time {r['step_s']:.3f}s (median of {r['steps_s']}), bound {max(b.values()):.3f}s "
         f"({r['bottleneck']}), efficiency {r['efficiency']:.2f}"
         + (
@@ -395,7 +414,7 @@ def timeline_png(timeline_json: Path, out: Path) -> bool:
     if not timeline_json.exists():
         return False
     data = json.loads(timeline_json.read_text())
-    lanes = ["gpu compute", "h2d", "d2h", "ssd read", "ssd write", "cpu adam"]
+    lanes = ["gpu compute", "h2d", "d2h", "ssd read", "ssd write", "cache read", "cache write", "cpu adam"]
     fig, ax = plt.subplots(figsize=(12, 3.2))
     for i, lane in enumerate(lanes):
         bars = [(s["start"], s["end"] - s["start"]) for s in data["spans"] if s["lane"] == lane]

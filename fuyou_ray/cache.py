@@ -60,6 +60,7 @@ from fuyou_ray.store import (
 log = logging.getLogger(__name__)
 
 TMP = ".tmp"
+FREE = ".free"  # a retired version whose pages the next write of its record reuses
 
 
 class CacheError(StoreError):
@@ -110,8 +111,16 @@ def cache_spec(plan: Any, ring: RingSpec, flush_every: int) -> CacheSpec:
 
 class HostCache:
     """The cache's files in /dev/shm: one per record version, written whole by `write` (aside, then
-    renamed into place), read by `read`, removed by `keep_only`. Copies run in `threads` threads
-    (`os.preadv`/`os.pwritev` release the GIL). Owns its thread pool; the files belong to the run."""
+    renamed into place), read by `read`, retired by `keep_only`. Copies run in `threads` threads
+    (`os.preadv`/`os.pwritev` release the GIL). Owns its thread pool; the files belong to the run.
+
+    Page recycling: writing into fresh tmpfs pages costs the kernel a page allocation and zeroing per
+    4 KiB, which made writes ~8x slower than reads (1.1 vs 8.5 GB/s measured). So `keep_only` does not
+    delete a record's retired version but renames it to `<record>.free` (one per record), and the next
+    `write` of that record overwrites those pages in place. A retired version is never a version the
+    store still needs, so committed bytes are still never overwritten; a `.free` file is not a version
+    (`versions` skips it) and goes with the run's other files.
+    """
 
     def __init__(self, prefix: str, threads: int = 4) -> None:
         if not prefix:
@@ -125,6 +134,18 @@ class HostCache:
     def path(self, name: str, version: int) -> Path:
         return SHM_DIR / f"{self.prefix}-{name}.v{version:08d}"
 
+    def free_path(self, name: str) -> Path:
+        """Where `keep_only` parks a retired version of `name` for the next `write` to reuse."""
+        return SHM_DIR / f"{self.prefix}-{name}{FREE}"
+
+    def _take_free(self, name: str, tmp: Path) -> bool:
+        """Move the parked pages of `name` to `tmp` (atomic: two writers never get the same file)."""
+        try:
+            os.rename(self.free_path(name), tmp)
+        except FileNotFoundError:
+            return False
+        return True
+
     def has(self, name: str, version: int) -> bool:
         return self.path(name, version).is_file()
 
@@ -133,8 +154,11 @@ class HostCache:
         final = self.path(name, version)
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
         nbytes = src.nbytes
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        recycled = self._take_free(name, tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (0 if recycled else os.O_TRUNC), 0o600)
         try:
+            if recycled and os.fstat(fd).st_size != nbytes:
+                os.ftruncate(fd, nbytes)
 
             def put(off: int, size: int) -> int:
                 view = src[off : off + size]
@@ -208,7 +232,7 @@ class HostCache:
         out: dict[tuple[str, int], Path] = {}
         start = len(self.prefix) + 1
         for path in SHM_DIR.glob(f"{self.prefix}-*"):
-            if path.name.endswith(TMP):
+            if path.name.endswith((TMP, FREE)):
                 continue
             name, sep, version = path.name[start:].rpartition(".v")
             if sep and version.isdigit():
@@ -216,11 +240,25 @@ class HostCache:
         return out
 
     def keep_only(self, keep: Collection[tuple[str, int]]) -> int:
-        """Delete every complete file whose (name, version) is not in `keep`; returns how many."""
-        doomed = [p for key, p in self.versions().items() if key not in keep]
-        for p in doomed:
-            p.unlink(missing_ok=True)
+        """Retire every complete file whose (name, version) is not in `keep`: the first of each record
+        becomes its `.free` file (unless it has one), the others are deleted. Returns how many."""
+        doomed = [(key, p) for key, p in self.versions().items() if key not in keep]
+        for (name, _), p in doomed:
+            free = self.free_path(name)
+            with contextlib.suppress(FileNotFoundError):
+                if free.exists():
+                    p.unlink()
+                else:
+                    os.rename(p, free)
         return len(doomed)
+
+    def free_bytes(self) -> int:
+        """Bytes parked in `.free` files for reuse (they count against /dev/shm like the versions)."""
+        total = 0
+        for p in SHM_DIR.glob(f"{self.prefix}-*{FREE}"):
+            with contextlib.suppress(FileNotFoundError):
+                total += p.stat().st_size
+        return total
 
     def remove_partial(self) -> None:
         """Delete files a killed writer left half-written (call when no writer of this run is alive)."""

@@ -33,6 +33,8 @@ LANE_ROLES = {
     "d2h": "gpu-compute",
     "ssd read": "ssd-io",
     "ssd write": "ssd-io",
+    "cache read": "ssd-io",
+    "cache write": "ssd-io",
     "cpu adam": "cpu-opt",
     "driver": "driver",
 }
@@ -43,14 +45,16 @@ LANE_TITLES = {
     "d2h": "D2H",
     "ssd read": "SSD read",
     "ssd write": "SSD write",
+    "cache read": "cache read",
+    "cache write": "cache write",
     "cpu adam": "CPU Adam",
     "driver": "driver",
 }
 # The lanes of the pipeline's resources; "driver" is bookkeeping, never the bottleneck.
 RESOURCE_LANES = tuple(lane for lane in LANES if lane != "driver")
 # Lanes whose spans touch a ring slot (labelled with the tensor it holds), and those that fill one.
-_RING_LANES = ("ssd read", "ssd write", "h2d", "d2h", "cpu adam")
-_PRODUCERS = ("ssd read", "d2h")
+_RING_LANES = ("ssd read", "ssd write", "cache read", "cache write", "h2d", "d2h", "cpu adam")
+_PRODUCERS = ("ssd read", "cache read", "d2h")
 
 # A CPU Adam span's nbytes is 4 bytes per updated element (actors/cpu_optimizer.py).
 ADAM_BYTES_PER_PARAM = 4

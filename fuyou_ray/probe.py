@@ -473,9 +473,9 @@ def probe_host_cache(
     The actor serves up to `concurrency` calls at once (its max_concurrency, fuyou_ray/executor.py); its
     `HostCache` splits each record into 4 MiB chunks over `threads` threads (ssd.io_threads' default).
     Half the calls read a cached record (its /dev/shm file copied into a ring slot, a shared-memory
-    segment), half write one (a slot copied into a new file: fresh tmpfs pages, as each step's new
-    versions are) - `mib` MiB in all per pass, the best of `passes`. Reads alone and writes alone are
-    logged for reference.
+    segment), half write one (a slot copied into a new version's file: after the first pass into the
+    recycled pages of a retired version, as in a steady step) - `mib` MiB in all per pass, the best of
+    `passes`. Reads alone and writes alone are logged for reference.
     """
     from fuyou_ray.cache import HostCache, cache_prefix
     from fuyou_ray.ring import Ring, RingMapping, _shm_free_bytes, make_spec

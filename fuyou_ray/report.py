@@ -207,11 +207,17 @@ def utilisation_chart(data: RunData) -> str:
     )
 
 
+def drawn_lanes(spans: Sequence[Span]) -> list[str]:
+    """The resource lanes a timeline shows: all of them, but the host cache's only when it was used."""
+    used = {s.lane for s in spans}
+    return [lane for lane in RESOURCE_LANES if not lane.startswith("cache ") or lane in used]
+
+
 def pipeline_chart(data: RunData, stats: StepStats | None) -> str:
     spans = recent_spans(data)
     t0 = min((s.start for s in spans), default=0.0)
     bars = [Bar(s.lane, s.start - t0, s.end - t0, s.label, s.nbytes) for s in spans]
-    lanes = list(RESOURCE_LANES) + (["driver"] if any(s.lane == "driver" for s in spans) else [])
+    lanes = drawn_lanes(spans) + (["driver"] if any(s.lane == "driver" for s in spans) else [])
     step = (data.timeline or {}).get("step", "?")
     return timeline_chart(
         bars,
@@ -441,7 +447,7 @@ def render_pngs(data: RunData, out_dir: Path) -> tuple[list[Path], str]:
 
     spans = recent_spans(data)
     t0 = min((s.start for s in spans), default=0.0)
-    lanes = list(RESOURCE_LANES)
+    lanes = drawn_lanes(spans)
     fig = Figure(figsize=(9.8, 3.4))
     ax = fig.add_subplot()
     for i, lane in enumerate(lanes):

@@ -18,6 +18,8 @@ LANE_COLORS = {
     "d2h": "#6a1b9a",
     "ssd read": "#ef6c00",
     "ssd write": "#c62828",
+    "cache read": "#f9a825",
+    "cache write": "#ad1457",
     "cpu adam": "#00838f",
     "driver": "#757575",
 }

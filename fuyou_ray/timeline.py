@@ -13,7 +13,18 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-LANES = ("gpu compute", "h2d", "d2h", "ssd read", "ssd write", "cpu adam", "driver")
+# "cache read" / "cache write": the SSD actor serving a record from / into the host cache (/dev/shm).
+LANES = (
+    "gpu compute",
+    "h2d",
+    "d2h",
+    "ssd read",
+    "ssd write",
+    "cache read",
+    "cache write",
+    "cpu adam",
+    "driver",
+)
 
 
 @dataclass(frozen=True)

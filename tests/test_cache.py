@@ -311,6 +311,37 @@ def test_cache_keeps_what_the_store_keeps(tmp_path: Path, prefix: str) -> None:
     close(store)
 
 
+def test_retired_versions_lend_their_pages_to_the_next_write(prefix: str) -> None:
+    """keep_only parks one retired version per record as `.free`; the record's next write reuses those
+    pages (same inode: no fresh tmpfs allocation), whatever its size, and every version reads back whole."""
+    cache = HostCache(prefix, threads=2)
+    try:
+        data = {v: torch.full((3 * 2**20,), float(v)) for v in (1, 2, 3)}
+        cache.write("u00000.master", 1, buffer_of(data[1]))
+        cache.write("u00000.master", 2, buffer_of(data[2]))
+        cache.write("u00000.exp_avg", 1, buffer_of(data[1]))
+        assert cache.keep_only({("u00000.master", 2)}) == 2
+        assert set(cache.versions()) == {("u00000.master", 2)}
+        parked = cache.free_path("u00000.master")
+        inode = parked.stat().st_ino
+        assert cache.free_path("u00000.exp_avg").exists() and cache.free_bytes() == 2 * data[1].numel() * 4
+        cache.write("u00000.master", 3, buffer_of(data[3][: 2**20]))  # smaller: truncated to size
+        assert not parked.exists() and cache.path("u00000.master", 3).stat().st_ino == inode
+
+        def read(version: int, numel: int) -> torch.Tensor:
+            buf = bytearray(numel * 4)
+            assert cache.read("u00000.master", version, memoryview(buf))
+            return torch.frombuffer(buf, dtype=torch.float32)
+
+        assert torch.equal(read(3, 2**20), data[3][: 2**20])
+        assert cache.path("u00000.master", 3).stat().st_size == 2**20 * 4
+        assert torch.equal(read(2, 3 * 2**20), data[2])
+        cache.remove_all()
+        assert not list(SHM_DIR.glob(f"{prefix}-*"))
+    finally:
+        cache.close()
+
+
 def test_write_through_is_durable_at_every_commit(tmp_path: Path, prefix: str) -> None:
     ssd = tmp_path / "ssd"
     store = open_cached(ssd, prefix, write_through=True)

@@ -294,7 +294,13 @@ def test_report_in_the_run_dir_and_in_the_browser(live_job: LiveJob) -> None:
     )
     queries = page["queries"]
     assert isinstance(queries, dict)
-    assert queries["svg#timeline text.lane-label"] == LANE_TITLES
+    # The demo keeps its state in the host cache (runtime.cpu_cache: auto), so the cache's lanes are drawn.
+    assert queries["svg#timeline text.lane-label"] == [
+        *LANE_TITLES[:5],
+        "cache read",
+        "cache write",
+        "CPU Adam",
+    ]
     assert len(queries["svg#timeline rect.span"]) > 20
     assert queries["svg.chart .title"] == ["Loss", "Throughput over training time", "Busy % of each resource"]
     text = str(page["text"])

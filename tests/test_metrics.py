@@ -195,7 +195,16 @@ def test_grafana_dashboard_matches_the_metric_names() -> None:
     for p in panels:
         assert p["datasource"]["uid"] == "${datasource}" and p["title"]
     lanes = {lane_tag(lane) for lane in RESOURCE_LANES}
-    assert lanes == {"gpu_compute", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam"}
+    assert lanes == {
+        "gpu_compute",
+        "h2d",
+        "d2h",
+        "ssd_read",
+        "ssd_write",
+        "cache_read",
+        "cache_write",
+        "cpu_adam",
+    }
 
 
 # ------------------------------------------------------------------------------------------ progress

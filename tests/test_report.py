@@ -14,7 +14,6 @@ import pytest
 
 from fuyou_ray.commands import report as report_cmd
 from fuyou_ray.errors import RunStateError
-from fuyou_ray.metrics import RESOURCE_LANES
 from fuyou_ray.observer import RunObserver
 from fuyou_ray.progress import Progress
 from fuyou_ray.report import build_report, load_run
@@ -237,6 +236,6 @@ def test_a_run_writes_its_report(tmp_path: Path) -> None:
     result = train(cfg)
     html = (Path(result.run_dir) / "report" / "index.html").read_text()
     labels = re.findall(r'<text class="lane-label"[^>]*>([^<]*)</text>', svg(html, "timeline"))
-    assert labels[: len(RESOURCE_LANES)] == LANE_TITLES
+    assert labels[: len(LANE_TITLES)] == LANE_TITLES  # tiny_config: no host cache, no cache lanes
     assert "committed step</th><td>3 / 3" in html and "badge done" in html
     assert len(re.findall(r'<rect class="span"', html)) > 10
