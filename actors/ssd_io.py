@@ -64,8 +64,9 @@ class SSDIOActor:
             self.disk.close()
             raise
         self.ring = RingMapping(ring)
-        self._io_marks = (0, 0)
-        self.step_io: dict[int, tuple[int, int]] = {}  # step -> SSD bytes (read, written) up to its commit
+        self._io_marks = (0, 0, 0)
+        # step -> bytes (SSD read, SSD written, host cache copied both ways) up to its commit
+        self.step_io: dict[int, tuple[int, int, int]] = {}
         self.timeline = Timeline()
         self._inflight = 0
         self._closing = False
@@ -243,7 +244,7 @@ class SSDIOActor:
                 )
             del master
         self.disk.commit(0, {**meta, "durable_step": 0})
-        self._io_marks = (self.disk.bytes_read, self.disk.bytes_written)
+        self._io_marks = self._io_now()
         return self.disk.stored_bytes()
 
     def read_tensor(self, name: str) -> torch.Tensor:
@@ -258,22 +259,30 @@ class SSDIOActor:
         over the steps it committed: a step after a start reads a cold cache, and flushes come on top),
         bytes on SSD, and the host cache's figures (fuyou_ray/cache.py)."""
         per_step = list(self.step_io.values())
+        cache_copies = [c for _, _, c in per_step]
         return {
             "bytes_read": self.disk.bytes_read,
             "bytes_written": self.disk.bytes_written,
             "bytes_stored": self.disk.stored_bytes(),
-            "ssd_read_per_step": int(statistics.median_low(r for r, _ in per_step)) if per_step else 0,
-            "ssd_written_per_step": int(statistics.median_low(w for _, w in per_step)) if per_step else 0,
+            "ssd_read_per_step": int(statistics.median_low(r for r, _, _ in per_step)) if per_step else 0,
+            "ssd_written_per_step": int(statistics.median_low(w for _, w, _ in per_step)) if per_step else 0,
+            "cache_copied_per_step": int(statistics.median_low(cache_copies)) if per_step else 0,
             **self.store.stats(),
         }
 
-    def io_per_step(self) -> dict[int, tuple[int, int]]:
-        """SSD bytes (read, written) between the previous commit and the commit of each step."""
+    def io_per_step(self) -> dict[int, tuple[int, int, int]]:
+        """Bytes (SSD read, SSD written, host cache copies) between the previous commit and each step's."""
         return dict(self.step_io)
 
+    def _io_now(self) -> tuple[int, int, int]:
+        cache = self.store.cache
+        copied = cache.bytes_read + cache.bytes_written if cache is not None else 0
+        return self.disk.bytes_read, self.disk.bytes_written, copied
+
     def _count_step_io(self, step: int) -> None:
-        now = (self.disk.bytes_read, self.disk.bytes_written)
-        self.step_io[step] = (now[0] - self._io_marks[0], now[1] - self._io_marks[1])
+        now = self._io_now()
+        read, written, copied = (a - b for a, b in zip(now, self._io_marks, strict=True))
+        self.step_io[step] = (read, written, copied)
         self._io_marks = now
         if len(self.step_io) > 10_000:
             del self.step_io[min(self.step_io)]

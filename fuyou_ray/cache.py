@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -42,6 +43,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fuyou_ray import durable
 from fuyou_ray.records import OPTIMIZER_STATE, RecordKind, record_name
@@ -112,7 +115,7 @@ def cache_spec(plan: Any, ring: RingSpec, flush_every: int) -> CacheSpec:
 class HostCache:
     """The cache's files in /dev/shm: one per record version, written whole by `write` (aside, then
     renamed into place), read by `read`, retired by `keep_only`. Copies run in `threads` threads
-    (`os.preadv`/`os.pwritev` release the GIL). Owns its thread pool; the files belong to the run.
+    (`os.preadv` and numpy's copies release the GIL). Owns its thread pool; the files belong to the run.
 
     Page recycling: writing into fresh tmpfs pages costs the kernel a page allocation and zeroing per
     4 KiB, which made writes ~8x slower than reads (1.1 vs 8.5 GB/s measured). So `keep_only` does not
@@ -150,24 +153,28 @@ class HostCache:
         return self.path(name, version).is_file()
 
     def write(self, name: str, version: int, src: memoryview) -> None:
-        """Store `src` (the record's padded bytes) as version `version` of `name`."""
+        """Store `src` (the record's padded bytes) as version `version` of `name`.
+
+        The copy goes through a shared mapping, in `threads` threads: tmpfs serialises `pwrite`s to one
+        file on its inode lock, which held the copies into the cache to ~3 GB/s on 16 cores while reads
+        (no such lock) ran at 12.8 GB/s. The file's pages are reserved first (`posix_fallocate`), so a full
+        /dev/shm is an ENOSPC here and not a SIGBUS in a store to the mapping."""
         final = self.path(name, version)
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
         nbytes = src.nbytes
         recycled = self._take_free(name, tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (0 if recycled else os.O_TRUNC), 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if recycled else os.O_TRUNC), 0o600)
         try:
-            if recycled and os.fstat(fd).st_size != nbytes:
+            had = os.fstat(fd).st_size
+            if had != nbytes:
                 os.ftruncate(fd, nbytes)
-
-            def put(off: int, size: int) -> int:
-                view = src[off : off + size]
-                done = 0
-                while done < size:
-                    done += os.pwritev(fd, [view[done:]], off + done)
-                return size
-
-            self._run(put, nbytes, name)
+            if nbytes:
+                if not recycled or nbytes > had:
+                    try:
+                        os.posix_fallocate(fd, 0, nbytes)
+                    except OSError as exc:
+                        raise _cache_io_error(exc, name) from exc
+                self._copy_mapped(fd, src, nbytes, name)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -176,6 +183,17 @@ class HostCache:
         os.replace(tmp, final)
         with self._lock:
             self.bytes_written += nbytes
+
+    def _copy_mapped(self, fd: int, src: memoryview, nbytes: int, name: str) -> None:
+        mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        try:
+            dst = np.frombuffer(mm, dtype=np.uint8)
+            source = np.frombuffer(src, dtype=np.uint8, count=nbytes)
+            self._run(functools.partial(_copy_chunk, dst, source), nbytes, name)
+            del dst, source  # the mapping closes only once no array refers to it
+        finally:
+            with contextlib.suppress(BufferError):  # after an error a traceback may still hold a slice
+                mm.close()
 
     def read(self, name: str, version: int, dest: memoryview) -> bool:
         """Copy version `version` of `name` into `dest`; False when the cache does not hold it."""
@@ -289,13 +307,21 @@ class HostCache:
         except OSError as exc:
             for f in futures:
                 f.cancel()
-            if exc.errno == errno.ENOSPC:
-                raise CacheError(
-                    f"/dev/shm is full: no room for {name} in the host cache; enlarge /dev/shm (docker "
-                    "--shm-size), lower budgets.cpu_mem or set runtime.cpu_cache: off. Committed state is "
-                    "intact."
-                ) from exc
-            raise CacheError(f"host cache I/O error on {name}: {exc}") from exc
+            raise _cache_io_error(exc, name) from exc
+
+
+def _copy_chunk(dst: np.ndarray, src: np.ndarray, off: int, size: int) -> int:
+    np.copyto(dst[off : off + size], src[off : off + size])  # releases the GIL: the threads copy at once
+    return size
+
+
+def _cache_io_error(exc: OSError, name: str) -> CacheError:
+    if exc.errno == errno.ENOSPC:
+        return CacheError(
+            f"/dev/shm is full: no room for {name} in the host cache; enlarge /dev/shm (docker "
+            "--shm-size), lower budgets.cpu_mem or set runtime.cpu_cache: off. Committed state is intact."
+        )
+    return CacheError(f"host cache I/O error on {name}: {exc}")
 
 
 def remove_files(prefix: str) -> int:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -337,6 +338,25 @@ def test_retired_versions_lend_their_pages_to_the_next_write(prefix: str) -> Non
         assert cache.path("u00000.master", 3).stat().st_size == 2**20 * 4
         assert torch.equal(read(2, 3 * 2**20), data[2])
         cache.remove_all()
+        assert not list(SHM_DIR.glob(f"{prefix}-*"))
+    finally:
+        cache.close()
+
+
+def test_a_full_dev_shm_is_a_named_error_not_a_bus_error(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cache writes go through a mapping; their pages are reserved first, so tmpfs running out of room is
+    an ENOSPC (a CacheError naming the fixes) and never a SIGBUS, and the half-made file goes."""
+    cache = HostCache(prefix, threads=2)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        with pytest.raises(CacheError, match=r"/dev/shm is full: no room for u00000.master.*cpu_cache: off"):
+            cache.write("u00000.master", 1, buffer_of(torch.ones(2**20)))
         assert not list(SHM_DIR.glob(f"{prefix}-*"))
     finally:
         cache.close()
