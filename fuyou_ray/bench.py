@@ -262,20 +262,25 @@ def bound_seconds(work: StepWork, r: Rates) -> dict[str, float]:
     }
 
 
-def run_bench(cfg: RunConfig, warmup: int = 1, steps: int = 3) -> dict[str, Any]:
-    """Measure rates, run warm-up + N steps, and compare the steps with the bound (see module docs)."""
+def run_bench(cfg: RunConfig, warmup: int | None = None, steps: int = 3) -> dict[str, Any]:
+    """Measure rates, run warm-up + N steps, and compare the steps with the bound (see module docs).
+    `warmup` None: 1 step, or 2 when the plan has a host cache - after a start its first step reads the
+    cached records from SSD and both first steps write into fresh /dev/shm pages; from the third on the
+    cache reuses the pages of retired versions (fuyou_ray/cache.py), the steady state."""
     from fuyou_ray.driver import connect_ray, train
     from fuyou_ray.plan import cache_bytes, make_plan
 
     spec = ModelSpec(cfg.model)
     plan = make_plan(cfg, spec)
+    cached = bool(plan.cpu_cached_state or plan.cpu_cached_params or plan.grad_log_tier == "cpu")
+    if warmup is None:
+        warmup = 2 if cached else 1
     cfg = dataclasses.replace(cfg, steps=warmup + steps)
     if cfg.runtime.executor == "ray":
         connect_ray(cfg)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     for p in cfg.ssd.paths:
         Path(p).mkdir(parents=True, exist_ok=True)
-    cached = bool(plan.cpu_cached_state or plan.cpu_cached_params or plan.grad_log_tier == "cpu")
     rates = measure_rates(
         cfg, spec, plan.device, plan.param_dtype, plan.optimizer_actors, plan.optimizer_threads, cached
     )
