@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ import torch
 from fuyou_ray.config import RunConfig
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.optim import AdamWStep, adamw_update_
-from fuyou_ray.store import SSDTensorStore, aligned_buffer
 
 
 @dataclass(frozen=True)
@@ -92,66 +90,13 @@ def measure_pcie(nbytes: int) -> tuple[float, float]:
 
 
 def measure_ssd(cfg: RunConfig, nbytes: int, seconds: float = 6.0) -> tuple[float, float, float, float]:
-    """Read / write / both-at-once rates through SSDTensorStore, each measured as a steady stream for
-    `seconds` with 4 records in flight (the SSD actor's concurrency), at the pipeline's record size."""
-    import shutil
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+    """Read / write / both-at-once rates of this config's SSD paths at the pipeline's record size, as the
+    probe measures them (`fuyou_ray.probe.steady_ssd_rates`)."""
+    from fuyou_ray.probe import steady_ssd_rates
 
-    paths = [tempfile.mkdtemp(prefix="fuyou-bench-", dir=p) for p in cfg.ssd.paths]
-    store = SSDTensorStore(paths, direct_io=cfg.ssd.direct_io, io_threads=cfg.ssd.io_threads)
-    inflight = 4
-    numel = nbytes // 4
-    bufs = [aligned_buffer(nbytes) for _ in range(2 * inflight)]
-    version = [1]
-
-    def write(i: int) -> None:
-        store.write_from(
-            f"u{i:05d}.bench", memoryview(bufs[i]), dtype="float32", numel=numel, version=version[0]
-        )
-
-    def read(i: int) -> None:
-        store.read_into(f"u{i:05d}.bench", memoryview(bufs[i]))
-
-    def stream(op: Callable[[int], None], slots: range, stop: threading.Event, moved: list[int]) -> None:
-        k = 0
-        while not stop.is_set():
-            op(slots[k % len(slots)])
-            moved[0] += nbytes
-            k += 1
-
-    def run(streams: list[tuple[Callable[[int], None], range]]) -> list[float]:
-        stop, moved = threading.Event(), [[0] for _ in streams]
-        with ThreadPoolExecutor(inflight * len(streams)) as pool:
-            t0 = time.perf_counter()
-            futures = [
-                pool.submit(stream, op, range(slots.start + w, slots.stop, inflight), stop, moved[n])
-                for n, (op, slots) in enumerate(streams)
-                for w in range(inflight)
-            ]
-            time.sleep(seconds)
-            stop.set()
-            for f in futures:
-                f.result()
-            elapsed = time.perf_counter() - t0
-        return [m[0] / elapsed for m in moved]
-
-    try:
-        for i in range(2 * inflight):  # records to read back later
-            write(i)
-        store.commit(1, {})
-        version[0] = 2
-        (write_rate,) = run([(write, range(inflight, 2 * inflight))])
-        store.discard_staged()
-        (read_rate,) = run([(read, range(0, inflight))])
-        version[0] = 3
-        read_mixed, write_mixed = run([(read, range(0, inflight)), (write, range(inflight, 2 * inflight))])
-        store.discard_staged()
-    finally:
-        store.close()
-        for p in paths:
-            shutil.rmtree(p, ignore_errors=True)
-    return read_rate, write_rate, read_mixed, write_mixed
+    return steady_ssd_rates(
+        cfg.ssd.paths, nbytes, seconds, direct_io=cfg.ssd.direct_io, io_threads=cfg.ssd.io_threads
+    )
 
 
 def measure_adam(numel: int, threads: int) -> float:

@@ -26,9 +26,11 @@ import math
 import os
 import shutil
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,7 @@ class ProbeOptions:
     ssd_dirs: tuple[str, ...] = ()
     ssd_file_mib: int = 256  # bytes per SSD measurement (one record); keep it above the drive's cache
     queue_depths: tuple[int, ...] = (1, 4, 16, 32)
+    mixed_seconds: float = 6.0  # the steady read + write streams (the bench measures them as long)
     device: str = "auto"  # "auto", "cuda" or "cpu"
     copy_mib: int = 512  # bytes per host <-> device copy
     adam_melements: int = 16  # elements (millions) per AdamW measurement
@@ -329,45 +332,88 @@ def _store_rates(
         store.close()
 
 
-def _mixed_rates(
-    paths: Sequence[Path], nbytes: int, qd: int, src: memoryview, dst: memoryview, seconds: float = 4.0
-) -> tuple[float, float]:
-    """(read B/s, write B/s) of a steady stream of record reads and one of record writes running at once
-    for `seconds`, as the pipeline's SSD actor runs them. Timing one read against one write instead
-    flatters the reads: the read finishes first and the write then has the disk to itself (a profile
-    measured that way predicted steps ~25% too short on a single virtio disk)."""
-    from fuyou_ray.store import SSDTensorStore
+MIXED_INFLIGHT = 4  # records in flight per direction: the SSD actor's concurrency
 
-    store = SSDTensorStore([str(p) for p in paths], direct_io=True, io_threads=qd, verify_checksums=True)
-    try:
-        store.write_from("u00000.mixed-r", src, dtype="uint8", numel=nbytes, version=0)
-        stop = threading.Event()
-        moved = {"read": 0, "write": 0}
 
-        def stream(key: str, op: Callable[[int], object]) -> Callable[[], None]:
-            def run() -> None:
-                k = 0
-                while not stop.is_set():
-                    op(k)
-                    moved[key] += nbytes
-                    k += 1
+def steady_ssd_rates(
+    paths: Sequence[str | Path],
+    nbytes: int,
+    seconds: float,
+    *,
+    direct_io: bool = True,
+    io_threads: int = 8,
+    inflight: int = MIXED_INFLIGHT,
+    solo: bool = True,
+) -> tuple[float, float, float, float]:
+    """(read, write, read while writing, write while reading) B/s through `SSDTensorStore`, each measured
+    as steady streams for `seconds` with `inflight` records of `nbytes` in flight per direction - the SSD
+    actor's concurrency, as the pipeline drives the disk. The probe and the bench both measure this way,
+    so a profile and a bench run of one machine agree. Timing single records instead flatters the disk:
+    a read timed against one write finishes first and the write then has the disk to itself, and a
+    profile measured that way predicted steps ~25% too short on a single virtio disk. `solo` False
+    skips the one-direction streams (returned as 0)."""
+    from fuyou_ray.store import SSDTensorStore, aligned_buffer
 
-            return run
-
-        def write(k: int) -> None:
-            # alternate between two names so a record's previous version is never the one being written
-            store.write_from(f"u{k % 2:05d}.mixed-w", src, dtype="uint8", numel=nbytes, version=1)
-
-        timer = threading.Timer(seconds, stop.set)
-        timer.start()
-        elapsed = _concurrent(
-            [stream("read", lambda _k: store.read_into("u00000.mixed-r", dst)), stream("write", write)]
+    dirs = [tempfile.mkdtemp(prefix="fuyou-streams-", dir=p) for p in paths]
+    store = SSDTensorStore(dirs, direct_io=direct_io, io_threads=io_threads)
+    numel = nbytes // 4
+    bufs = [aligned_buffer(nbytes) for _ in range(2 * inflight)]
+    for b in bufs:  # incompressible bytes: some drives compress, and zeros would flatter them
+        torch.frombuffer(b, dtype=torch.uint8)[:nbytes].copy_(
+            torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
         )
-        timer.cancel()
-        return moved["read"] / elapsed, moved["write"] / elapsed
-    finally:
+    version = [1]
+
+    def write(i: int) -> None:
+        store.write_from(
+            f"u{i:05d}.streams", memoryview(bufs[i]), dtype="float32", numel=numel, version=version[0]
+        )
+
+    def read(i: int) -> None:
+        store.read_into(f"u{i:05d}.streams", memoryview(bufs[i]))
+
+    def stream(op: Callable[[int], None], slots: range, stop: threading.Event, moved: list[int]) -> None:
+        k = 0
+        while not stop.is_set():
+            op(slots[k % len(slots)])
+            moved[0] += nbytes
+            k += 1
+
+    def run(streams: list[tuple[Callable[[int], None], range]]) -> list[float]:
+        stop, moved = threading.Event(), [[0] for _ in streams]
+        with ThreadPoolExecutor(inflight * len(streams)) as pool:
+            t0 = time.perf_counter()
+            futures = [
+                pool.submit(stream, op, range(slots.start + w, slots.stop, inflight), stop, moved[n])
+                for n, (op, slots) in enumerate(streams)
+                for w in range(inflight)
+            ]
+            time.sleep(seconds)
+            stop.set()
+            for f in futures:
+                f.result()
+            elapsed = time.perf_counter() - t0
+        return [m[0] / elapsed for m in moved]
+
+    reads, writes = range(0, inflight), range(inflight, 2 * inflight)
+    try:
+        for i in reads:  # the records the read streams read back
+            write(i)
+        store.commit(1, {})
+        version[0] = 2
+        write_rate = read_rate = 0.0
+        if solo:
+            (write_rate,) = run([(write, writes)])
+            store.discard_staged()
+            (read_rate,) = run([(read, reads)])
+            version[0] = 3
+        read_mixed, write_mixed = run([(read, reads), (write, writes)])
         store.discard_staged()
+    finally:
         store.close()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    return read_rate, write_rate, read_mixed, write_mixed
 
 
 def probe_ssd(options: ProbeOptions, log: Callable[[str], None], notes: list[str]) -> SSDProfile:
@@ -402,10 +448,10 @@ def probe_ssd(options: ProbeOptions, log: Callable[[str], None], notes: list[str
         else:
             striped = list(per_dir[0].rates)
         deepest = max(options.queue_depths)
-        mr, mw = _mixed_rates(paths, nbytes, deepest, src, dst)
+        _, _, mr, mw = steady_ssd_rates(paths, nbytes, options.mixed_seconds, io_threads=deepest, solo=False)
         log(
-            f"ssd reads and writes at once (queue depth {deepest}): "
-            f"read {mr / 1e9:.2f}, write {mw / 1e9:.2f} GB/s"
+            f"ssd reads and writes at once ({MIXED_INFLIGHT} records in flight each way, queue depth "
+            f"{deepest}): read {mr / 1e9:.2f}, write {mw / 1e9:.2f} GB/s"
         )
     return SSDProfile(
         devices=len(dirs),

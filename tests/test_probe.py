@@ -152,6 +152,7 @@ def test_probe_on_this_machine(tmp_path: Path) -> None:
         block_shapes=((64, 128), (128, 256)),
         adam_threads=(1,),
         cache_mib=8,
+        mixed_seconds=1.0,
     )
     ours = f"-{os.getpid()}-"  # ring and cache files are named after the creating process
     lines: list[str] = []
@@ -160,7 +161,7 @@ def test_probe_on_this_machine(tmp_path: Path) -> None:
     assert prof.pcie.h2d_gbps > 0 and any("host memcpy" in n for n in prof.notes)
     assert [r.queue_depth for r in prof.ssd.rates] == [1, 4]
     assert all(r.read_gbps > 0 and r.write_gbps > 0 for r in prof.ssd.rates)
-    assert prof.ssd.mixed_read_gbps > 0 and prof.ssd.capacity_bytes > 0
+    assert prof.ssd.mixed_read_gbps > 0 and prof.ssd.mixed_write_gbps > 0 and prof.ssd.capacity_bytes > 0
     assert prof.cpu.adam[0].threads == 1 and prof.cpu.adam[0].gparams_per_s > 0
     assert prof.cpu.memcpy_gbps > 0 and any(line.startswith("host cache copies") for line in lines)
     assert list(ssd.iterdir()) == [], "the probe must remove its files"
