@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fuyou_ray import durable
 from fuyou_ray.cache import CachedStore, CacheSpec
 from fuyou_ray.checkpoint import prune as prune_checkpoints
 from fuyou_ray.checkpoint import take as take_checkpoint
@@ -264,6 +265,7 @@ class SSDIOActor:
             "bytes_read": self.disk.bytes_read,
             "bytes_written": self.disk.bytes_written,
             "bytes_stored": self.disk.stored_bytes(),
+            "bytes_on_ssd": durable.bytes_on_ssd(self.disk.dirs),
             "ssd_read_per_step": int(statistics.median_low(r for r, _, _ in per_step)) if per_step else 0,
             "ssd_written_per_step": int(statistics.median_low(w for _, w, _ in per_step)) if per_step else 0,
             "cache_copied_per_step": int(statistics.median_low(cache_copies)) if per_step else 0,

@@ -164,6 +164,25 @@ def restore(store: SSDTensorStore) -> DurableInfo:
     return info
 
 
+def bytes_on_ssd(store_dirs: Sequence[Path]) -> int:
+    """Bytes the run holds on SSD: the store's files and its durable snapshots' (hard links to the same
+    file count once). With a write-back cache the store's manifest names versions that live in /dev/shm
+    only, so the snapshots are most of what is on SSD."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for d in [*store_dirs, *roots([sd.parent for sd in store_dirs])]:
+        for root, _, names in os.walk(d):
+            for name in names:
+                try:
+                    st = os.stat(os.path.join(root, name))
+                except FileNotFoundError:  # superseded while we walked
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_size
+    return total
+
+
 def remove_all(paths: Sequence[str | os.PathLike[str]]) -> None:
     """Delete every snapshot (the store's own manifest is whole on SSD again: they only hold space)."""
     _remove_except(paths, keep="")

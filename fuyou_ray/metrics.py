@@ -221,7 +221,7 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("fuyou_cpu_adam_gparams_per_s", "gauge", "parameters updated by CPU Adam per second, G/s"),
     MetricDef("fuyou_ring_slots_in_use", "gauge", "peak ring slots holding data during the last step"),
     MetricDef("fuyou_ring_slots", "gauge", "ring slots of the run's plan"),
-    MetricDef("fuyou_ssd_bytes", "gauge", "bytes the run's store holds on SSD"),
+    MetricDef("fuyou_ssd_bytes", "gauge", "bytes the run holds on SSD (store files and durable snapshots)"),
     MetricDef("fuyou_actor_restarts", "gauge", "times the actor was restarted in this run"),
 )
 METRIC_BY_NAME = {m.name: m for m in METRICS}

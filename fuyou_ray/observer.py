@@ -48,7 +48,7 @@ class ClusterProbe:
 
     def ssd_bytes(self) -> int | None:
         stats = self.executor.get(self.executor.call("ssd", "stats"), timeout=self.timeout_s)
-        value = stats.get("bytes_stored")
+        value = stats.get("bytes_on_ssd", stats.get("bytes_stored"))
         return int(value) if value is not None else None
 
     def restarts(self) -> dict[str, int]:
@@ -136,7 +136,7 @@ class RunObserver:
         self.close()
         io = getattr(result, "io", None) or {}
         if self.metrics is not None and "bytes_stored" in io:
-            self.metrics.record_cluster(int(io["bytes_stored"]), {})
+            self.metrics.record_cluster(int(io.get("bytes_on_ssd", io["bytes_stored"])), {})
         self._wait_for_report()
         self._report(final=True)
 

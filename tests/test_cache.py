@@ -240,6 +240,11 @@ def test_write_back_lives_in_dev_shm_survives_restarts_and_falls_back_to_the_las
     on_disk = manifest(ssd)
     assert on_disk["step"] == 2 and on_disk["meta"]["durable_step"] == 0
     assert all(r["in_memory"] for r in on_disk["records"])
+    # On SSD: no record of the store's own (all in memory), but the step-0 snapshot, each file counted once
+    # though the snapshot hard-links what the store held then.
+    snapshot_files = [f for f in durable.roots([ssd])[0].rglob("*") if f.is_file()]
+    assert store.ssd.stored_bytes() == 0
+    assert durable.bytes_on_ssd(store.ssd.dirs) >= sum(f.stat().st_size for f in snapshot_files) > 0
     # Only the versions the store still needs are in /dev/shm: version 2 of every record.
     assert set(cache_of(store).versions()) == {(record_name(u, k), 2) for u in range(UNITS) for k in KINDS}
     read = store.ssd.bytes_read

@@ -142,15 +142,13 @@ def test_kills_of_every_actor_kind(tmp_path: Path, references: dict[bool, Refere
         ("gpu", "backward"),
         ("opt", "update"),
         ("ssd", "commit"),
-        ("gpu", ""),
         ("ssd", "write"),
-        ("opt", ""),
         ("gpu", "emit_grad"),
         ("ssd", "read"),
     ]
     injector = run_with_faults(cfg, plan, seed=1)
     report("kills, exact clipping", injector)
-    assert len(injector.kills) >= 11, injector.missed
+    assert len(injector.kills) >= 9, injector.missed
     assert {k.kind for k in injector.kills} == {"gpu", "ssd", "opt"}
     assert_identical(cfg, references[True])
     assert_no_leaks(cfg)
@@ -162,11 +160,11 @@ def test_kills_with_the_optimizer_overlapping_backward(
     """Without clipping, units are updated and published during backward: kills then leave a step partly
     applied, which the replay must finish without updating any unit twice."""
     cfg = fault_config(tmp_path, clip=False)
-    plan = [(kind, method) for kind, method in (("opt", "update"), ("ssd", "publish"), ("gpu", ""))] * 3
+    plan = [(kind, method) for kind, method in (("opt", "update"), ("ssd", "publish"), ("gpu", ""))] * 2
     plan += [("ssd", ""), ("opt", ""), ("gpu", "backward")]
     injector = run_with_faults(cfg, plan, seed=2)
     report("kills, overlapped optimizer", injector)
-    assert len(injector.kills) >= 11, injector.missed
+    assert len(injector.kills) >= 8, injector.missed
     assert_identical(cfg, references[False])
     assert_no_leaks(cfg)
 
