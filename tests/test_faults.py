@@ -161,7 +161,7 @@ def test_kills_with_the_optimizer_overlapping_backward(
     applied, which the replay must finish without updating any unit twice."""
     cfg = fault_config(tmp_path, clip=False)
     plan = [(kind, method) for kind, method in (("opt", "update"), ("ssd", "publish"), ("gpu", ""))] * 2
-    plan += [("ssd", ""), ("opt", ""), ("gpu", "backward")]
+    plan += [("ssd", ""), ("opt", ""), ("gpu", "backward"), ("gpu", "")]
     injector = run_with_faults(cfg, plan, seed=2)
     report("kills, overlapped optimizer", injector)
     assert len(injector.kills) >= 8, injector.missed
