@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from fuyou_ray.config import RunConfig
+from fuyou_ray.errors import RunStateError
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.optim import AdamWStep, adamw_update_
 
@@ -89,7 +90,12 @@ def measure_pcie(nbytes: int) -> tuple[float, float]:
     return nbytes / h2d, nbytes / d2h
 
 
-def measure_ssd(cfg: RunConfig, nbytes: int, seconds: float = 6.0) -> tuple[float, float, float, float]:
+SSD_STREAM_SECONDS = 6.0  # each steady-stream SSD measurement (read, write, both at once)
+
+
+def measure_ssd(
+    cfg: RunConfig, nbytes: int, seconds: float = SSD_STREAM_SECONDS
+) -> tuple[float, float, float, float]:
     """Read / write / both-at-once rates of this config's SSD paths at the pipeline's record size, as the
     probe measures them (`fuyou_ray.probe.steady_ssd_rates`)."""
     from fuyou_ray.probe import steady_ssd_rates
@@ -147,7 +153,7 @@ def measure_rates(
     largest = max(u.numel for u in spec.units)
     gpu = measure_gpu(cfg, spec, device, dtype)
     h2d, d2h = measure_pcie(min(largest * 4, 1 << 30))
-    ssd = measure_ssd(cfg, min(largest * 4, 256 << 20))
+    ssd = measure_ssd(cfg, min(largest * 4, 256 << 20), SSD_STREAM_SECONDS)
     adam = measure_adam(min(largest, 64 << 20), threads) * pool
     notes: list[str] = []
     copy = probe_host_cache(256, lambda _: None, notes, threads=cfg.ssd.io_threads) if cached else 0.0
@@ -233,7 +239,10 @@ def run_bench(cfg: RunConfig, warmup: int | None = None, steps: int = 3) -> dict
     # step reads the cached records from SSD), which is a restart's cost, not a step's.
     run = train(cfg)
     if len(run.steps) <= warmup:
-        raise RuntimeError(f"{run.run_dir} already holds step {run.final_step}: bench a fresh run_dir")
+        raise RunStateError(
+            f"{run.run_dir} already holds step {run.final_step}, so there is nothing left to measure: "
+            "bench a fresh run_dir (--set run_dir=... and ssd.paths=...)"
+        )
     measured = dataclasses.replace(run, steps=run.steps[warmup:])
     n = max(1, len(measured.steps))
     io = measured.io
