@@ -238,7 +238,7 @@ def restore_last_metrics(ex: Executor, path: Path, committed: int) -> None:
         return
     _, meta = ex.get(ex.call("ssd", "committed"))
     with open(path, "a") as f:
-        f.write(json.dumps(_recorded_step(committed - 1, meta).__dict__) + "\n")
+        f.write(json.dumps(recorded_step(committed - 1, meta).__dict__) + "\n")
 
 
 def run_step(
@@ -271,7 +271,7 @@ def run_step(
     key = step_key(inputs)
     resume = supervisor.resume_point(step, key)
     if resume.committed_meta is not None:  # committed before a failure hid the reply
-        return _recorded_step(step, resume.committed_meta), []
+        return recorded_step(step, resume.committed_meta), []
     inputs = dataclasses.replace(inputs, done_units=resume.done_units, step_key=key)
     supervisor.ask("ssd", "reserve", _scratch_bytes(cfg, plan, spec))
     sched = build_step(spec, ex.ring_spec, inputs)
@@ -279,7 +279,7 @@ def run_step(
         futures = supervisor.execute(sched)
     except Exception as exc:
         if supervisor.skip_nonfinite(step, exc, inputs.commit_meta):
-            return _recorded_step(step, {"lr": lr, "loss": math.nan, "grad_norm": math.nan}), []
+            return recorded_step(step, {"lr": lr, "loss": math.nan, "grad_norm": math.nan}), []
         raise
     summary = ex.get(futures[sched.summary])
     seconds = time.perf_counter() - t0
@@ -329,7 +329,7 @@ def _scratch_bytes(cfg: RunConfig, plan: Plan, spec: ModelSpec) -> int:
     )
 
 
-def _recorded_step(step: int, meta: Mapping[str, Any]) -> StepRecord:
+def recorded_step(step: int, meta: Mapping[str, Any]) -> StepRecord:
     """The record of a step that ran no computation here (committed before a failure, or skipped)."""
     return StepRecord(
         step=step + 1,

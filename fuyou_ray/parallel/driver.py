@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from fuyou_ray.driver import (
     eval_due,
     model_fingerprint,
     prepare_run_dir,
+    recorded_step,
     write_timeline,
 )
 from fuyou_ray.errors import BudgetError, NonFiniteStepError, RunStateError, find_cause
@@ -318,7 +318,7 @@ def run_step(
             ]
         )
         log.warning("step %d skipped (runtime.on_nonfinite: skip): %s", step + 1, cause)
-        return _recorded(step, {"lr": lr}), [], True
+        return recorded_step(step, {"lr": lr}), [], True
     summary = ex.get(futures[plan.summaries[0]])
     # Phase 2: every pipeline voted; the step becomes the job's committed step store by store (a crash in
     # between is finished by the next start: fuyou_ray/parallel/commit.py).
@@ -432,19 +432,6 @@ def _check_ssd_space(job: JobPlan) -> None:
 # ---------------------------------------------------------------------------------------------- records
 
 
-def _recorded(step: int, meta: Mapping[str, Any]) -> StepRecord:
-    """The record of a step that ran no computation here (committed before a failure, or skipped)."""
-    return StepRecord(
-        step=step + 1,
-        loss=float(meta.get("loss", math.nan)),
-        grad_norm=float(meta.get("grad_norm", math.nan)),
-        lr=float(meta.get("lr", 0.0)),
-        seconds=0.0,
-        tokens_per_s=0.0,
-        tflops=0.0,
-    )
-
-
 def _restore_last_metrics(path: Path, committed: int, meta: Mapping[str, Any]) -> None:
     """A job killed between its commit and the metrics line of that step: write the missing line."""
     lines = path.read_text().splitlines() if path.is_file() else []
@@ -452,7 +439,7 @@ def _restore_last_metrics(path: Path, committed: int, meta: Mapping[str, Any]) -
     if committed != last + 1 or committed == 0:
         return
     with open(path, "a") as f:
-        f.write(json.dumps(_recorded(committed - 1, meta).__dict__) + "\n")
+        f.write(json.dumps(recorded_step(committed - 1, meta).__dict__) + "\n")
 
 
 class _PipelinesProbe(ClusterProbe):
