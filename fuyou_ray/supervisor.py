@@ -182,7 +182,13 @@ class Supervisor:
                 if not self.ex.is_actor_failure(exc):
                     self._roll_back(step)
                     raise
-                self._recover(step, exc)
+                try:
+                    self._recover(step, exc)
+                except Exception:
+                    # The run stops here (the restart limit, a store that moved): drop what the failed
+                    # attempt staged, as a recovery would have, so the stop leaves only committed state.
+                    self._roll_back(step, timeout_s=15)
+                    raise
 
     def execute(self, sched: StepSchedule) -> list[Any]:
         """Issue the schedule and wait for its commit, watching for hangs; on any failure the step's other
@@ -298,10 +304,10 @@ class Supervisor:
             step + 1,
         )
 
-    def _roll_back(self, step: int | None) -> None:
+    def _roll_back(self, step: int | None, timeout_s: float = 60) -> None:
         """Drop what a failed attempt staged (best effort: the error that stops the run matters more)."""
         with contextlib.suppress(Exception):
-            self.ex.ask("ssd", "rollback", timeout_s=60)
+            self.ex.ask("ssd", "rollback", timeout_s=timeout_s)
 
 
 def _one_line(exc: BaseException) -> str:
