@@ -93,9 +93,7 @@ def measure_pcie(nbytes: int) -> tuple[float, float]:
 SSD_STREAM_SECONDS = 6.0  # each steady-stream SSD measurement (read, write, both at once)
 
 
-def measure_ssd(
-    cfg: RunConfig, nbytes: int, seconds: float = SSD_STREAM_SECONDS
-) -> tuple[float, float, float, float]:
+def measure_ssd(cfg: RunConfig, nbytes: int, seconds: float) -> tuple[float, float, float, float]:
     """Read / write / both-at-once rates of this config's SSD paths at the pipeline's record size, as the
     probe measures them (`fuyou_ray.probe.steady_ssd_rates`)."""
     from fuyou_ray.probe import steady_ssd_rates
@@ -223,7 +221,7 @@ def run_bench(cfg: RunConfig, warmup: int | None = None, steps: int = 3) -> dict
 
     spec = ModelSpec(cfg.model)
     plan = make_plan(cfg, spec)
-    cached = bool(plan.cpu_cached_state or plan.cpu_cached_params or plan.grad_log_tier == "cpu")
+    cached = cache_bytes(spec, plan) > 0
     if warmup is None:
         warmup = 2 if cached else 1
     cfg = dataclasses.replace(cfg, steps=warmup + steps)
