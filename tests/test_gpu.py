@@ -65,3 +65,21 @@ def test_bf16_gpu_matches_mixed_precision_reference(
     assert rel <= 1e-2
     assert dw <= 2 * cfg.optimizer.lr * cfg.steps
     assert ours[-1] < ours[0]
+
+
+def test_lm_head_on_cuda_pads_an_odd_vocabulary_and_matches_the_plain_projection() -> None:
+    """LMHead's aligned GEMM on the GPU gives nn.Linear's logits and gradients (bf16 rounding apart)."""
+    from fuyou_ray.models.lm_head import LMHead
+
+    torch.manual_seed(0)
+    head = LMHead(256, 1001).to("cuda", torch.bfloat16)  # 1001: 23 padding rows
+    plain = torch.nn.Linear(256, 1001, bias=False).to("cuda", torch.bfloat16)
+    plain.load_state_dict(head.state_dict())
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    out = [module(x) for module in (head, plain)]
+    assert out[0].shape == out[1].shape == (4, 64, 1001)
+    torch.testing.assert_close(out[0].float(), out[1].float(), rtol=2e-2, atol=2e-2)
+    for o in out:
+        o.float().square().mean().backward()
+    assert head.weight.grad is not None and plain.weight.grad is not None
+    torch.testing.assert_close(head.weight.grad.float(), plain.weight.grad.float(), rtol=2e-2, atol=1e-4)

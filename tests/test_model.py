@@ -304,3 +304,39 @@ def test_shortest_possible_split_still_works() -> None:
     batch = ds.batch(0, 3, 8)  # exactly seq_len + 1 tokens: one possible window
     assert torch.equal(batch.inputs, torch.arange(8).expand(3, 8))
     assert torch.equal(batch.targets, torch.arange(1, 9).expand(3, 8))
+
+
+# ---------------------------------------------------------------------------------------------- LM head
+
+
+def test_aligned_logits_match_the_plain_projection_with_their_gradients() -> None:
+    """The padded GEMM (what LMHead runs on CUDA) gives the unpadded head's logits, loss and gradients."""
+    from fuyou_ray.models.lm_head import aligned_logits
+
+    gen = torch.Generator().manual_seed(3)
+    vocab, h = 50, 16  # 50 is not a multiple of 16: 14 padding rows
+    weight = torch.randn(vocab, h, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 5, h, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, vocab, (2, 5), generator=gen)
+    results = []
+    for project in (lambda x, w: torch.nn.functional.linear(x, w), lambda x, w: aligned_logits(x, w, 16)):
+        w = weight.clone().requires_grad_(True)
+        xi = x.clone().requires_grad_(True)
+        logits = project(xi, w)
+        loss = lm_loss(logits, y)
+        loss.backward()
+        assert w.grad is not None and xi.grad is not None
+        results.append((logits.detach(), loss.detach(), w.grad, xi.grad))
+    assert results[1][0].shape == (2, 5, vocab)
+    for plain, padded in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
+    aligned = aligned_logits(x, weight[:48], 16)  # already aligned: the plain GEMM, no slicing
+    assert aligned.is_contiguous() and aligned.shape == (2, 5, 48)
+
+
+def test_every_family_head_is_an_lm_head_with_the_usual_state_dict_key() -> None:
+    from fuyou_ray.models.lm_head import LMHead
+
+    head = build_gpt_unit(TINY, TINY.n_layer + 1)
+    assert isinstance(head.lm_head, LMHead)
+    assert set(head.state_dict()) == {"ln_f.weight", "ln_f.bias", "lm_head.weight"}

@@ -19,6 +19,7 @@ from torch import nn
 
 from fuyou_ray.config import ModelConfig
 from fuyou_ray.models.cache import KVCache
+from fuyou_ray.models.lm_head import LMHead
 
 
 class Conv1D(nn.Module):
@@ -102,7 +103,7 @@ class GPT2Head(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(x))

@@ -34,6 +34,7 @@ from fuyou_ray.config import ModelConfig, RopeScalingConfig
 from fuyou_ray.models.cache import KVCache
 from fuyou_ray.models.gpt2 import gelu_new
 from fuyou_ray.models.llama import rotate_half
+from fuyou_ray.models.lm_head import LMHead
 
 
 def _gelu_python(x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +180,7 @@ class NeoXHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.embed_out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.embed_out = LMHead(cfg.d_model, cfg.vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_out(self.final_layer_norm(x))

@@ -23,6 +23,7 @@ from torch import nn
 
 from fuyou_ray.config import ModelConfig, RopeScalingConfig
 from fuyou_ray.models.cache import KVCache
+from fuyou_ray.models.lm_head import LMHead
 
 
 class RMSNorm(nn.Module):
@@ -176,7 +177,7 @@ class LlamaHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x))
