@@ -60,7 +60,7 @@ class SSDIOActor:
             lock_timeout_s=self.LOCK_TIMEOUT_S,
         )
         try:
-            self.store = CachedStore(self.disk, cache or CacheSpec(), self.spec.num_units, ssd.io_threads)
+            self.store = CachedStore(self.disk, cache or CacheSpec(), self.spec.num_units)
         except BaseException:
             self.disk.close()
             raise

@@ -145,6 +145,7 @@ def measure_rates(
     cfg: RunConfig, spec: ModelSpec, device: str, param_dtype: str, pool: int, threads: int, cached: bool
 ) -> Rates:
     """The component rates; the host cache's copy rate only when the plan caches something (`cached`)."""
+    from fuyou_ray.cache import copy_threads
     from fuyou_ray.probe import probe_host_cache
 
     dtype = torch.bfloat16 if param_dtype == "bfloat16" else torch.float32
@@ -154,7 +155,10 @@ def measure_rates(
     ssd = measure_ssd(cfg, min(largest * 4, 256 << 20), SSD_STREAM_SECONDS)
     adam = measure_adam(min(largest, 64 << 20), threads) * pool
     notes: list[str] = []
-    copy = probe_host_cache(256, lambda _: None, notes, threads=cfg.ssd.io_threads) if cached else 0.0
+    cache_threads = copy_threads(cfg.runtime.cache_threads)
+    # Four calls at once of the run's largest fp32 record (at most 1 GiB): the copy rate depends on the size.
+    copy_mib = 4 * max(1, min(largest * 4, 1 << 30) >> 20)
+    copy = probe_host_cache(copy_mib, lambda _: None, notes, threads=cache_threads) if cached else 0.0
     return Rates(device, gpu, h2d, d2h, *ssd, adam, measure_ray_call(), copy)
 
 

@@ -236,6 +236,7 @@ class RuntimeConfig:
     SSD. Cached records are written back to SSD every `cache_flush_every` commits (and at checkpoints, at
     the end and when stopped); a killed driver resumes from the last flush. `cache_write_through: true`
     writes them to SSD at every step instead (durable at every commit; the cache then saves the reads).
+    `cache_threads` copy between the cache and the ring (0: one per core, at most 16; fuyou_ray/cache.py).
     `data_parallel: N` runs N pipelines, each on 1/N of the global batch (docs: README, Data parallelism).
     """
 
@@ -251,6 +252,7 @@ class RuntimeConfig:
     cpu_cache: Literal["auto", "off"] = "auto"
     cache_write_through: bool = False
     cache_flush_every: int = 50
+    cache_threads: int = 0
     # Pipelines (GPU compute + SSD I/O + optimizer pool each, one per GPU) that split every step's batch;
     # gradients are summed across them and each holds 1/N of the optimizer state (fuyou_ray/parallel/).
     data_parallel: int = 1

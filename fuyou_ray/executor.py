@@ -61,7 +61,7 @@ def construct(role: str, setup: ActorSetup) -> tuple[type, tuple[Any, ...]]:
             cfg.ssd,
             setup.ring,
             cfg.model,
-            cache_spec(plan, setup.ring, cfg.runtime.cache_flush_every),
+            cache_spec(plan, setup.ring, cfg.runtime.cache_flush_every, cfg.runtime.cache_threads),
         )
     if role.startswith("opt"):
         return CPUOptimizerActor, (setup.ring, int(role[3:]), plan.optimizer_threads)

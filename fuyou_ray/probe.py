@@ -66,7 +66,9 @@ class ProbeOptions:
     adam_melements: int = 16  # elements (millions) per AdamW measurement
     block_shapes: tuple[tuple[int, int], ...] = ()  # (d_model, tokens) of the GPT blocks; () = by device
     adam_threads: tuple[int, ...] = ()  # thread counts for AdamW; () = 1, 2, 4, ... up to the cores
-    cache_mib: int = 256  # MiB per host-cache copy measurement (the records of one pass); 0 = skip
+    # MiB per host-cache copy measurement (4 records, one pass); 0 = skip. The rate depends on the record
+    # size (21 GB/s at 64 MiB, ~8-14 GB/s into the cache at 1 GiB): 1 GiB, a 13B-width unit's record.
+    cache_mib: int = 4096
     name: str = ""
     budget_s: float = 100.0  # optional measurements are skipped past this, with a note
     notes: list[str] = field(default_factory=list)
@@ -511,19 +513,22 @@ def probe_host_cache(
     log: Callable[[str], None],
     notes: list[str],
     concurrency: int = 4,
-    threads: int = 8,
+    threads: int = 0,
     passes: int = 2,
 ) -> float:
     """Bytes/s of the host cache's copies as the SSD actor runs them (0 when /dev/shm lacks room).
 
     The actor serves up to `concurrency` calls at once (its max_concurrency, fuyou_ray/executor.py); its
-    `HostCache` splits each record into 4 MiB chunks over `threads` threads (ssd.io_threads' default).
+    `HostCache` splits each record into 4 MiB chunks over `threads` threads (0: `copy_threads()`, the
+    default of runtime.cache_threads).
     Half the calls read a cached record (its /dev/shm file copied into a ring slot, a shared-memory
     segment), half write one (a slot copied into a new version's file: after the first pass into the
     recycled pages of a retired version, as in a steady step) - `mib` MiB in all per pass, the best of
     `passes`. Reads alone and writes alone are logged for reference.
     """
-    from fuyou_ray.cache import HostCache, cache_prefix
+    from fuyou_ray.cache import HostCache, cache_prefix, copy_threads
+
+    threads = copy_threads(threads)
     from fuyou_ray.ring import Ring, RingMapping, _shm_free_bytes, make_spec
     from fuyou_ray.store import align_up
 

@@ -39,8 +39,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--cache-mib",
         type=int,
-        default=256,
-        help="MiB per host-cache copy measurement (default 256; 0 = skip, the plan assumes a rate)",
+        default=4096,
+        help="MiB per host-cache copy measurement, 4 records (default 4096: 1 GiB records, the size of a "
+        "13B-width unit's; 0 = skip, the plan assumes a rate)",
     )
     p.set_defaults(func=run)
 
