@@ -348,6 +348,44 @@ def test_retired_versions_lend_their_pages_to_the_next_write(prefix: str) -> Non
         cache.close()
 
 
+def test_writes_into_recycled_pages_reuse_their_kept_mapping(prefix: str) -> None:
+    """A write maps its file once; the next write into the same pages (the file's `.free` reincarnation)
+    copies through that mapping; mappings of deleted files are dropped, and every version reads back."""
+    cache = HostCache(prefix, threads=2)
+    name = "u00000.master"
+
+    def mapping_of(version: int) -> object:
+        st = cache.path(name, version).stat()
+        return cache._maps[(st.st_dev, st.st_ino)]
+
+    def read(version: int) -> torch.Tensor:
+        buf = bytearray(2**22)
+        assert cache.read(name, version, memoryview(buf))
+        return torch.frombuffer(buf, dtype=torch.float32)
+
+    data = {v: torch.full((2**20,), float(v)) for v in range(1, 5)}
+    try:
+        cache.write(name, 1, buffer_of(data[1]))
+        first = mapping_of(1)
+        cache.write(name, 2, buffer_of(data[2]))
+        assert cache.kept_mappings == 2
+        cache.keep_only({(name, 2)})  # v1 becomes the .free file: its mapping stays
+        assert cache.kept_mappings == 2
+        cache.write(name, 3, buffer_of(data[3]))  # into v1's pages, through v1's mapping
+        assert mapping_of(3) is first and cache.kept_mappings == 2
+        assert torch.equal(read(3), data[3]) and torch.equal(read(2), data[2])
+        cache.keep_only({(name, 3)})
+        cache.write(name, 4, buffer_of(data[4]))  # into v2's pages
+        assert torch.equal(read(4), data[4]) and torch.equal(read(3), data[3])
+        cache.keep_only({(name, 4)})  # v3 parked as .free
+        cache.keep_only(set())  # v4 deleted (a .free exists): its mapping goes, the parked one stays
+        assert cache.kept_mappings == 1
+        cache.remove_all()
+        assert cache.kept_mappings == 0 and not list(SHM_DIR.glob(f"{prefix}-*"))
+    finally:
+        cache.close()
+
+
 def test_a_full_dev_shm_is_a_named_error_not_a_bus_error(
     prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
