@@ -118,6 +118,7 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
     start = sched.add("gpu", "start_step", s.inputs, s.targets, s.micro_batch, phase="forward")
     writes: list[int] = []
     grads: dict[int, int] = {}  # unit -> op whose result is the handle of G_u in the ring
+    emits: list[int] = []  # every emit_grad: after the last one, the GPU knows the global norm
 
     def read(unit: int, kind: RecordKind, phase: str, after: Sequence[int] = ()) -> tuple[int, SlotHandle]:
         slot, fence = slots.take()
@@ -165,6 +166,7 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         e = sched.add(
             "gpu", "emit_grad", u, g_slot, after=fence, phase="backward", unit=u, nbytes=g_slot.nbytes
         )
+        emits.append(e)
         if u in s.done_units:  # a replay: the unit is already updated, its gradient is not needed
             slots.consumed_by(g_slot, [e])
         elif clipping:
@@ -183,11 +185,10 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
             emit(u + 1)
     emit(0)
 
-    # 4. with exact clipping: the coefficient from every gradient, then the optimizer unit by unit
+    # 4. with exact clipping: the coefficient from every gradient's norm (known on the GPU once the last
+    # gradient is out, without waiting for the log writes), then the optimizer unit by unit
     if clipping:
-        coef = sched.add(
-            "gpu", "clip_coefficient", s.max_grad_norm, after=list(grads.values()), phase="optimizer"
-        )
+        coef = sched.add("gpu", "clip_coefficient", s.max_grad_norm, after=emits, phase="optimizer")
         for u in (u for u in range(last, -1, -1) if u not in s.done_units):
             g_read, g_slot = read(u, RecordKind.GRAD, "optimizer", after=[grads[u]])
             _optimizer(sched, slots, spec, s, u, Ref(g_read), g_slot, Ref(coef), read, write, writes)
