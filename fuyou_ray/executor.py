@@ -31,7 +31,7 @@ from fuyou_ray.config import RunConfig
 from fuyou_ray.errors import ActorFailureError, FuyouError, RestartLimitError
 from fuyou_ray.plan import Plan
 from fuyou_ray.ring import RingSpec
-from fuyou_ray.schedule import Ref, StepSchedule
+from fuyou_ray.schedule import SSD_ACTOR_CONCURRENCY, Ref, StepSchedule
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,8 @@ class RayExecutor(Executor):
             if role == "gpu":
                 options["num_gpus"] = 1 if plan.device == "cuda" else 0
             elif role == "ssd":
-                options["max_concurrency"] = 4  # reads and writes of different slots run at once
+                # reads and writes of different slots run at once
+                options["max_concurrency"] = SSD_ACTOR_CONCURRENCY
             else:
                 # Ray sets OMP_NUM_THREADS from num_cpus; the actor also sets torch's thread count itself.
                 options["num_cpus"] = pool_cpus

@@ -35,6 +35,10 @@ from fuyou_ray.records import RecordKind, record_name
 from fuyou_ray.ring import RingSpec, SlotHandle
 
 MIN_SLOTS = 5  # the optimizer of one unit holds W, m, v, G and the new P at once
+# Calls the SSD actor runs at once (a threaded Ray actor). 8, not 4: with the host cache, the optimizer's
+# four writes of one unit held all 4 threads while the next unit's gradient read waited (0.17 s in the
+# cached 13B-width step on the H100); the copies themselves share the cache's thread pool.
+SSD_ACTOR_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from fuyou_ray.costmodel import call_seconds as _call_seconds
 from fuyou_ray.optim import AdamWStep, shard_ranges
 from fuyou_ray.profile import HardwareProfile
 from fuyou_ray.ring import RingSpec, SlotHandle, make_spec
-from fuyou_ray.schedule import Op, Ref, StepInputs, StepSchedule, build_step
+from fuyou_ray.schedule import SSD_ACTOR_CONCURRENCY, Op, Ref, StepInputs, StepSchedule, build_step
 from fuyou_ray.timeline import Span
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ LANE_OF = {
     "cpu": "cpu adam",
 }
 CACHE_METHODS = ("cache_read", "cache_write", "cache_write_through")  # SSD-actor calls on cached records
-SSD_CONCURRENCY = 4  # the SSD actor's max_concurrency (fuyou_ray/executor.py)
+SSD_CONCURRENCY = SSD_ACTOR_CONCURRENCY  # the SSD actor's max_concurrency (fuyou_ray/executor.py)
 RAY_ACTORS = ("gpu", "ssd", "opt")  # ops on these are Ray actor calls and pay the call overhead
 
 

@@ -28,6 +28,7 @@ from fuyou_ray.executor import ACTOR_ENV, ActorHungError, RayExecutor, _busy_rol
 from fuyou_ray.parallel.schedule import JobSchedule, role
 from fuyou_ray.plan import Plan
 from fuyou_ray.ring import SHM_DIR, RingSpec, make_spec
+from fuyou_ray.schedule import SSD_ACTOR_CONCURRENCY
 
 log = logging.getLogger("fuyou.parallel")
 
@@ -152,7 +153,7 @@ class PipelinesExecutor(RayExecutor):
                 ssd = role(p.rank, "ssd")
                 self.handles[ssd] = (
                     ray.remote(ShardStoreActor)
-                    .options(**options(ssd, p.rank, max_concurrency=4))
+                    .options(**options(ssd, p.rank, max_concurrency=SSD_ACTOR_CONCURRENCY))
                     .remote(cfg.ssd, ring, cfg.model, p.rank, world)
                 )
                 for j in range(pl.optimizer_actors):
