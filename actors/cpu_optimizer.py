@@ -7,11 +7,14 @@ import os
 
 import torch
 
+from fuyou_ray.cache import LentRecord, LentViews
 from fuyou_ray.errors import NonFiniteStepError
 from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.optim import AdamWStep, adamw_update_
 from fuyou_ray.ring import RingMapping, RingSpec, SlotHandle
 from fuyou_ray.timeline import Span, Timeline
+
+LENT_BLOCK = 1 << 20  # elements per block of an out-of-place update (4 MiB per fp32 tensor)
 
 
 class CPUOptimizerActor:
@@ -32,15 +35,16 @@ class CPUOptimizerActor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.ring = RingMapping(ring)
+        self.lent = LentViews()
         self.timeline = Timeline()
         self.elements = 0
 
     def update(
         self,
-        master: SlotHandle,
+        master: SlotHandle | LentRecord,
         grad: SlotHandle,
-        exp_avg: SlotHandle,
-        exp_avg_sq: SlotHandle,
+        exp_avg: SlotHandle | LentRecord,
+        exp_avg_sq: SlotHandle | LentRecord,
         params: SlotHandle,
         lo: int,
         hi: int,
@@ -54,8 +58,11 @@ class CPUOptimizerActor:
         Refuses (NonFiniteStepError) a non-finite gradient before touching the state, so NaN never reaches
         the SSD: with clipping the coefficient says it (NaN for a NaN norm, 0 for an infinite one); without
         it (scale 1) the gradient range itself is checked - one summing pass, which any NaN or inf poisons.
+
+        The state comes either in ring slots (updated in place) or as records the host cache lent
+        (`LentRecord`: read from the version the step reads, written into the new version's file).
         """
-        w, g, m, v, p = (self.ring.tensor(h)[lo:hi] for h in (master, grad, exp_avg, exp_avg_sq, params))
+        g, p = (self.ring.tensor(h)[lo:hi] for h in (grad, params))
         finite = math.isfinite(grad_scale) and grad_scale > 0
         if finite and grad_scale == 1.0:
             finite = bool(torch.isfinite(g.sum()))
@@ -63,10 +70,56 @@ class CPUOptimizerActor:
             raise NonFiniteStepError(
                 f"{grad.tensor}: non-finite gradient (clip coefficient {grad_scale}); unit not updated"
             )
-        with self.timeline.span("cpu adam", master.tensor, (hi - lo) * 4):
-            adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
+        label = master.name if isinstance(master, LentRecord) else master.tensor
+        with self.timeline.span("cpu adam", label, (hi - lo) * 4):
+            if (
+                isinstance(master, SlotHandle)
+                and isinstance(exp_avg, SlotHandle)
+                and isinstance(exp_avg_sq, SlotHandle)
+            ):
+                w, m, v = (self.ring.tensor(h)[lo:hi] for h in (master, exp_avg, exp_avg_sq))
+                adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
+            elif (
+                isinstance(master, LentRecord)
+                and isinstance(exp_avg, LentRecord)
+                and isinstance(exp_avg_sq, LentRecord)
+            ):
+                self._update_lent((master, exp_avg, exp_avg_sq), g, p, lo, hi, decay_end, hp, grad_scale)
+            else:
+                raise TypeError("update: master, exp_avg and exp_avg_sq must all be slots or all lent")
         self.elements += hi - lo
         return hi - lo
+
+    def _update_lent(
+        self,
+        state: tuple[LentRecord, LentRecord, LentRecord],
+        g: torch.Tensor,
+        p: torch.Tensor,
+        lo: int,
+        hi: int,
+        decay_end: int,
+        hp: AdamWStep,
+        grad_scale: float,
+    ) -> None:
+        """AdamW out of place, block by block: each block of the read version is copied into the new
+        version's file and updated there while it is still in the CPU's cache (one pass over memory
+        instead of a copy pass and an update pass)."""
+        self.lent.forget_missing(state[0].prefix)
+        (w_src, w), (m_src, m), (v_src, v) = (self.lent.views(r, lo, hi) for r in state)
+        for b in range(0, hi - lo, LENT_BLOCK):
+            e = min(b + LENT_BLOCK, hi - lo)
+            for src, dst in ((w_src, w), (m_src, m), (v_src, v)):
+                dst[b:e].copy_(src[b:e])
+            adamw_update_(
+                w[b:e],
+                g[b:e],
+                m[b:e],
+                v[b:e],
+                hp,
+                decay_end=decay_end - lo - b,
+                grad_scale=grad_scale,
+                params_out=p[b:e],
+            )
 
     def pid(self) -> int:
         return os.getpid()
@@ -81,4 +134,5 @@ class CPUOptimizerActor:
         self.memory.reset()
 
     def shutdown(self) -> None:
+        self.lent.close()
         self.ring.close()

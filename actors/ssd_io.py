@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fuyou_ray import durable
-from fuyou_ray.cache import CachedStore, CacheSpec
+from fuyou_ray.cache import CachedStore, CacheSpec, LentRecord
 from fuyou_ray.checkpoint import prune as prune_checkpoints
 from fuyou_ray.checkpoint import take as take_checkpoint
 from fuyou_ray.config import ModelConfig, SSDConfig, format_size
@@ -115,6 +115,23 @@ class SSDIOActor:
                 version=version,
                 transient=transient,
             )
+        return rec.padded_nbytes
+
+    def lend(self, name: str, version: int, *after: object) -> LentRecord:
+        """Lend cached record `name` to the optimizer, which writes version `version` of it straight into a
+        cache file (CachedStore.lend); `adopt` then stages that version."""
+        with self._io():
+            return self.store.lend(name, version)
+
+    def adopt(self, lent: LentRecord, *after: object) -> int:
+        """Stage the version the optimizer wrote into a lent record's file (no copy). Returns the bytes
+        written to SSD: 0, unless the store is write-through (then timed as an SSD write)."""
+        with self._io():
+            start = time.time()
+            rec = self.store.adopt(lent)
+            if not self.store.spec.write_through:
+                return 0
+            self.timeline.add(Span("ssd write", lent.name, start, time.time(), rec.padded_nbytes))
         return rec.padded_nbytes
 
     def publish(self, unit: int, version: int, step_key: str, *after: object) -> int:

@@ -11,7 +11,11 @@ driver's `CacheArea` checks /dev/shm has room for them and removes them when the
 `CachedStore` is the `TensorStore` the SSD actor uses. Records stay records: the SSD store's manifest and
 journal (on SSD) keep saying which version of each record a step reads, publishes and commits, so a step
 interrupted by an actor crash is replayed exactly as without the cache. Only where the bytes are changes:
-- a read of a cached record copies its version from the cache file into the ring slot (no SSD read);
+- the optimizer state (fp32 master weights, Adam moments) of a cached unit is lent, not copied: `lend`
+  hands the optimizer the cache file of the version the step reads and a file for the new version, the
+  optimizer actors update from one into the other through their own mappings (`LentViews`), and
+  `adopt` stages the new version like a write. Two copies through ring slots saved per record;
+- a read of another cached record copies its version from the cache file into the ring slot (no SSD read);
 - a write puts the new version in a new cache file (written aside, then renamed: never torn, and the
   committed version is never overwritten in place) and
   - write-through (`runtime.cache_write_through`): also writes it to SSD as without the cache, so every
@@ -38,17 +42,18 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fuyou_ray import durable
 from fuyou_ray.records import OPTIMIZER_STATE, RecordKind, record_name
-from fuyou_ray.ring import SHM_DIR, RingSpec, _shm_free_bytes
+from fuyou_ray.ring import DTYPES, SHM_DIR, RingSpec, _shm_free_bytes
 from fuyou_ray.store import (
     CHUNK_BYTES,
     Manifest,
@@ -64,6 +69,7 @@ log = logging.getLogger(__name__)
 
 TMP = ".tmp"
 FREE = ".free"  # a retired version whose pages the next write of its record reuses
+LENT = ".lent"  # a version being written by another process (HostCache.lend)
 
 
 class CacheError(StoreError):
@@ -99,6 +105,86 @@ class CacheSpec:
     def write_back(self) -> bool:
         """Durable records may live in host memory only (until a flush)."""
         return bool(self.state_units or self.param_units) and not self.write_through
+
+
+@dataclass(frozen=True)
+class LentRecord:
+    """A cached record lent to the optimizer for one update (small, picklable: what Ray moves).
+
+    `source` is the cache file of the version the step reads, `target` the file `HostCache.lend` made for
+    the new version `version`; the optimizer reads one and writes the other through its own mappings
+    (`LentViews`), and the SSD actor's `adopt` makes the target that version. Saves the two copies
+    through a ring slot that a read and a write of the record would cost (24 of the 40 GiB a cached
+    13B-width step copied)."""
+
+    name: str
+    dtype: str
+    numel: int
+    version: int
+    source: str
+    target: str
+    prefix: str  # the cache's file-name prefix (LentViews drops mappings of files gone from it)
+
+
+class LentViews:
+    """An optimizer actor's mappings of lent cache files, as tensors of an element range.
+
+    Mappings are kept across calls, keyed by inode and byte range, for the reason HostCache keeps its own:
+    the cache recycles a record's few inodes (version -> `.free` -> lent -> version), so after a step or
+    two every update finds its ranges mapped and populated. `forget_missing` drops the mappings of files
+    deleted since (they would pin their pages); `close` drops all. Lifecycle: one per optimizer actor.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[int, int, int, int], mmap.mmap] = {}
+
+    def views(self, lent: LentRecord, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source, target): elements [lo, hi) of the version read and of the version being written."""
+        return self._view(lent.source, lent.dtype, lo, hi), self._view(lent.target, lent.dtype, lo, hi)
+
+    def _view(self, path: str, dtype: str, lo: int, hi: int) -> torch.Tensor:
+        itemsize = DTYPES[dtype].itemsize
+        start, end = lo * itemsize, hi * itemsize
+        offset = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError as exc:
+            raise CacheError(f"lent cache file {path} is gone (the SSD actor restarted?)") from exc
+        try:
+            st = os.fstat(fd)
+            if st.st_size < end:
+                raise CacheError(f"lent cache file {path} holds {st.st_size} B, not the {end} B lent")
+            key = (st.st_dev, st.st_ino, offset, end - offset)
+            mm = self._maps.get(key)
+            if mm is None:
+                mm = mmap.mmap(fd, end - offset, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, offset=offset)
+                self._maps[key] = mm
+        finally:
+            os.close(fd)
+        return torch.frombuffer(mm, dtype=torch.uint8)[start - offset : end - offset].view(DTYPES[dtype])
+
+    def forget_missing(self, prefix: str) -> None:
+        """Drop the mappings of files no longer among the cache's files (`prefix`)."""
+        live = set()
+        for path in SHM_DIR.glob(f"{prefix}-*"):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                live.add((st.st_dev, st.st_ino))
+        for key in [k for k in self._maps if k[:2] not in live]:
+            self._close(key)
+
+    def close(self) -> None:
+        for key in list(self._maps):
+            self._close(key)
+
+    @property
+    def mapped(self) -> int:
+        return len(self._maps)
+
+    def _close(self, key: tuple[int, int, int, int]) -> None:
+        mm = self._maps.pop(key)
+        with contextlib.suppress(BufferError):  # a tensor still refers to it: it goes with the tensor
+            mm.close()
 
 
 def copy_threads(configured: int = 0) -> int:
@@ -153,6 +239,7 @@ class HostCache:
         self._maps: dict[tuple[int, int], _KeptMapping] = {}  # (st_dev, st_ino) -> the file's mapping
         self.bytes_read = 0
         self.bytes_written = 0
+        self.bytes_lent = 0  # versions lent for another process to write (no copy here)
 
     def path(self, name: str, version: int) -> Path:
         return SHM_DIR / f"{self.prefix}-{name}.v{version:08d}"
@@ -182,6 +269,56 @@ class HostCache:
         final = self.path(name, version)
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
         nbytes = src.nbytes
+
+        def copy(kept: _KeptMapping) -> None:
+            source = np.frombuffer(src, np.uint8, nbytes)
+            self._run(functools.partial(_copy_chunk, kept.array, source), nbytes, name)
+
+        self._produce(name, tmp, nbytes, copy)
+        os.replace(tmp, final)
+        with self._lock:
+            self.bytes_written += nbytes
+
+    def fill(self, name: str, version: int, nbytes: int, reader: Callable[[memoryview], object]) -> None:
+        """Store version `version` of `name` (`nbytes`) by letting `reader` fill the new file's mapping
+        (e.g. an SSD read straight into the cache: no bounce through a ring slot)."""
+        final = self.path(name, version)
+        tmp = final.with_name(f"{final.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
+        self._produce(name, tmp, nbytes, lambda kept: reader(memoryview(kept.mm)))
+        os.replace(tmp, final)
+
+    def lend(self, name: str, version: int, new_version: int, nbytes: int) -> tuple[str, str]:
+        """Paths of version `version` of `name` (to read) and of a file of `nbytes` for `new_version` (to
+        write, e.g. by the optimizer, in place of two copies through ring slots). The new file is made from
+        the record's parked pages; `adopt` makes it that version. Lending the same new version again (a
+        replayed step) returns the same file."""
+        source = self.path(name, version)
+        if not source.is_file():
+            raise CacheError(f"{name} v{version} is not in the host cache ({source})")
+        lent = self.lent_path(name, new_version)
+        if not lent.is_file():
+            tmp = lent.with_name(f"{lent.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
+            self._produce(name, tmp, nbytes, lambda kept: None)
+            os.replace(tmp, lent)
+        with self._lock:
+            self.bytes_lent += nbytes
+        return str(source), str(lent)
+
+    def lent_path(self, name: str, version: int) -> Path:
+        """The file `lend` makes for `version` of `name` (partial until `adopt`, and named like one)."""
+        return SHM_DIR / f"{self.prefix}-{name}.v{version:08d}{LENT}{TMP}"
+
+    def adopt(self, name: str, version: int) -> bool:
+        """Make the lent file of `version` that version of `name`; False when there is no lent file."""
+        try:
+            os.replace(self.lent_path(name, version), self.path(name, version))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _produce(self, name: str, tmp: Path, nbytes: int, fill: Callable[[_KeptMapping], object]) -> None:
+        """Make `tmp` a file of `nbytes` (from the record's parked pages when it has some) and `fill` it
+        through its kept mapping; on error the file goes."""
         recycled = self._take_free(name, tmp)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if recycled else os.O_TRUNC), 0o600)
         key = (-1, -1)
@@ -205,20 +342,13 @@ class HostCache:
                     kept = _KeptMapping(fd, nbytes)
                     with self._lock:
                         self._maps[key] = kept
-                self._run(
-                    functools.partial(_copy_chunk, kept.array, np.frombuffer(src, np.uint8, nbytes)),
-                    nbytes,
-                    name,
-                )
+                fill(kept)
         except BaseException:
-            os.close(fd)
             self._forget(key)
             tmp.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        os.replace(tmp, final)
-        with self._lock:
-            self.bytes_written += nbytes
+        finally:
+            os.close(fd)
 
     def read(self, name: str, version: int, dest: memoryview) -> bool:
         """Copy version `version` of `name` into `dest`; False when the cache does not hold it."""
@@ -540,6 +670,50 @@ class CachedStore:
             with self._gc_lock:
                 self._writing.discard(key)
 
+    def lend(self, name: str, version: int) -> LentRecord:
+        """Lend cached record `name` for writing version `version` in another process (see LentRecord).
+        The version the step reads comes into the cache first when it is only on SSD (the first step
+        after a start), read straight into its cache file."""
+        if name not in self.names or self.cache is None:
+            raise CacheError(f"{name} is not a cached record: it cannot be lent")
+        rec = self.ssd.record(name)
+        if not self.cache.has(name, rec.version):
+            if rec.in_memory:
+                raise CacheError(
+                    f"{name} v{rec.version} lives only in the host cache, which no longer holds it (was "
+                    "/dev/shm cleared under the run?); re-run to resume from the last durable step"
+                )
+            self.cache.fill(name, rec.version, rec.padded_nbytes, lambda view: self.ssd.read_into(name, view))
+        padded = align_up(rec.numel * _itemsize(rec.dtype))
+        source, target = self.cache.lend(name, rec.version, version, padded)
+        return LentRecord(name, rec.dtype, rec.numel, version, source, target, self.spec.prefix)
+
+    def adopt(self, lent: LentRecord) -> TensorRecord:
+        """Stage the lent record's new version, now written, as `write_from` stages a written one.
+        Idempotent: a version already published or committed changes nothing."""
+        done = self.ssd.durable_version(lent.name, lent.version)
+        if done is not None:
+            return done
+        if self.cache is None:
+            raise CacheError(f"{lent.name}: adopted without a host cache")
+        key = (lent.name, lent.version)
+        with self._gc_lock:
+            self._writing.add(key)  # from the rename until staged, the collector leaves it alone
+        try:
+            if not self.cache.adopt(lent.name, lent.version) and not self.cache.has(*key):
+                raise CacheError(f"{lent.name} v{lent.version}: no lent file to adopt ({lent.target})")
+            if self.spec.write_through:
+                with self.cache.mapped(*key) as view:
+                    return self.ssd.write_from(
+                        lent.name, view, dtype=lent.dtype, numel=lent.numel, version=lent.version
+                    )
+            return self.ssd.stage_in_memory(
+                lent.name, dtype=lent.dtype, numel=lent.numel, version=lent.version
+            )
+        finally:
+            with self._gc_lock:
+                self._writing.discard(key)
+
     def publish(
         self, step: int, names: Collection[str], meta: Mapping[str, Any], keep_previous: Collection[str] = ()
     ) -> bool:
@@ -647,6 +821,7 @@ class CachedStore:
             "cache_bytes": self.cache.stored_bytes() if self.cache else 0,
             "cache_bytes_read": self.cache.bytes_read if self.cache else 0,
             "cache_bytes_written": self.cache.bytes_written if self.cache else 0,
+            "cache_bytes_lent": self.cache.bytes_lent if self.cache else 0,
             "flushed_bytes": self.flushed_bytes,
             "durable_step": self.durable_step,
         }

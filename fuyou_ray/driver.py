@@ -267,6 +267,7 @@ def run_step(
         param_dtype=plan.param_dtype,
         pool_size=plan.optimizer_actors,
         commit_meta={"fingerprint": model_fingerprint(cfg, plan), "lr": lr, "data_step": step + 1},
+        lent_state=frozenset(plan.cpu_cached_state),
     )
     key = step_key(inputs)
     resume = supervisor.resume_point(step, key)

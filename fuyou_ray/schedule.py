@@ -14,7 +14,9 @@ The step, with L units (embedding, blocks, head):
 2. head: read P_{L-1}, forward + loss + backward of the head, G_{L-1} into a slot
 3. backward: for u = L-2 .. 0: read P_u, recompute + backward(u), G_u into a slot
 4. optimizer, per unit: read W, m, v (and G when it was logged), AdamW over the pool's element ranges,
-   writing the new P into a slot, then write W, m, v, P back.
+   writing the new P into a slot, then write W, m, v, P back. When the host cache holds the unit's state
+   (`lent_state`), W, m, v are lent instead: the optimizer reads the cached version and writes the new
+   one into the cache's files, and `adopt` stages it (no ring slots, no copies).
    - exact clipping (max_grad_norm > 0): every G is logged to SSD during backward, because the clipping
      coefficient needs all of them; the optimizer runs after the last backward.
    - no clipping: optimizer(u) consumes G_u straight from the ring, overlapping backward(u-1) (Fuyou).
@@ -110,6 +112,9 @@ class StepInputs:
     commit_meta: Mapping[str, Any]
     # Replay after a crash: units whose update of this step is already published are not updated again.
     done_units: frozenset[int] = frozenset()
+    # Units whose optimizer state the host cache holds (the plan's cpu_cached_state): their optimizer
+    # updates the cache's files directly (ssd.lend / ssd.adopt) instead of through ring slots.
+    lent_state: frozenset[int] = frozenset()
     step_key: str = ""  # identifies the step's inputs; every unit of one step is published with it
 
 
@@ -220,9 +225,16 @@ def _optimizer(
     writes: list[int],
 ) -> None:
     unit = spec.units[u]
-    state = {}
+    lent = u in s.lent_state
+    state: dict[RecordKind, tuple[int, SlotHandle | None]] = {}
     for kind in (RecordKind.MASTER, RecordKind.EXP_AVG, RecordKind.EXP_AVG_SQ):
-        state[kind] = read(u, kind, "optimizer")
+        if lent:  # the optimizer reads and writes the host cache's files: no ring slot, no copies
+            op = sched.add(
+                "ssd", "lend", record_name(u, kind), s.step + 1, phase="optimizer", unit=u, nbytes=0
+            )
+            state[kind] = (op, None)
+        else:
+            state[kind] = read(u, kind, "optimizer")
     p_slot, fence = slots.take()
     p_out = p_slot.carrying(record_name(u, RecordKind.PARAM), s.param_dtype, unit.numel, s.step + 1)
     deps = [op for op, _ in state.values()] + [grad.op, *fence]
@@ -251,7 +263,14 @@ def _optimizer(
             )
         )
     slots.consumed_by(g_slot, updates)
-    unit_writes = [write(op, slot, u, False, updates, unit.numel * 4) for op, slot in state.values()]
+    unit_writes = [
+        write(op, slot, u, False, updates, unit.numel * 4)
+        if slot is not None
+        else sched.add(
+            "ssd", "adopt", Ref(op), after=updates, phase="optimizer", unit=u, nbytes=unit.numel * 4
+        )
+        for op, slot in state.values()
+    ]
     p_bytes = unit.numel * _itemsize(s.param_dtype)
     unit_writes.append(_write_new_params(sched, slots, p_out, u, s.step + 1, updates, p_bytes))
     # The unit's update becomes durable as a whole once its four records are written (crash consistency

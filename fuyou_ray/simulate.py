@@ -138,6 +138,8 @@ def op_stages(op: Op, env: SimEnv, memo: dict[tuple[int, str], float] | None = N
             stages.append(Stage("cache_write", op.nbytes))
         elif method == "cache_write_through":  # CachedStore.write_from: the cache file, then the SSD
             stages += [Stage("cache_write", op.nbytes), Stage("ssd_write", op.nbytes)]
+        elif method == "adopt_write_through":  # a lent record's new version: no copy, but to SSD
+            stages.append(Stage("ssd_write", op.nbytes))
         elif method in ("commit", "publish"):
             stages.append(Stage("wait", prof.commit_s))  # a manifest / journal record, fsync'd
     elif op.actor.startswith("opt") and method == "update":
@@ -378,6 +380,7 @@ def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
         param_dtype=plan.param_dtype,
         pool_size=plan.optimizer_actors,
         commit_meta={},
+        lent_state=frozenset(plan.cpu_cached_state),
     )
     sched = host_cache_ops(build_step(w.spec, ring, inputs), plan, ring, w.num_units)
     return _device_streams(sched, w) if device == "cuda" else sched
@@ -421,6 +424,8 @@ def host_cache_ops(sched: StepSchedule, plan: Plan, ring: RingSpec, num_units: i
                 transient = bool(op.args[2])  # write(slot, version, transient)
                 method = "cache_write_through" if spec.write_through and not transient else "cache_write"
             op = replace(op, method=method)
+        elif op.actor == "ssd" and op.method == "adopt" and spec.write_through:
+            op = replace(op, method="adopt_write_through")
         ops.append(op)
     return StepSchedule(ops, commit=sched.commit, summary=sched.summary)
 

@@ -386,6 +386,76 @@ def test_writes_into_recycled_pages_reuse_their_kept_mapping(prefix: str) -> Non
         cache.close()
 
 
+def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_slots(prefix: str) -> None:
+    """ssd.lend + opt.update + ssd.adopt, at the level of their parts: the new version written straight
+    into the lent file equals AdamW on ring slots bit for bit, the version read stays intact, lending
+    again (a replay) returns the same file, and mappings of deleted files are dropped."""
+    from actors.cpu_optimizer import CPUOptimizerActor
+    from fuyou_ray.cache import LentRecord
+    from fuyou_ray.optim import AdamWStep, adamw_update_
+    from fuyou_ray.ring import Ring, make_spec
+
+    numel = 3 * 2**20 + 12345  # several update blocks, and ranges that do not start on a page
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(numel, generator=gen) for k in ("master", "exp_avg")}
+    state["exp_avg_sq"] = torch.rand(numel, generator=gen)
+    grad = torch.randn(numel, generator=gen)
+    hp = AdamWStep(3, 1e-3, 0.9, 0.95, 1e-8, 0.1)
+    cache = HostCache(prefix, threads=2)
+    spec = make_spec(align_up(numel * 4), 5)
+    with Ring(spec):
+        opt = CPUOptimizerActor(spec, 0, 2)
+        try:
+            for kind, t in state.items():
+                cache.write(f"u00001.{kind}", 1, buffer_of(t))
+            lent = {}
+            for kind in state:
+                source, target = cache.lend(f"u00001.{kind}", 1, 2, align_up(numel * 4))
+                assert cache.lend(f"u00001.{kind}", 1, 2, align_up(numel * 4)) == (source, target)
+                lent[kind] = LentRecord(f"u00001.{kind}", "float32", numel, 2, source, target, prefix)
+            g_slot = spec.slot(0).carrying("u00001.grad", "float32", numel, 2)
+            p_slot = spec.slot(1).carrying("u00001.param", "bfloat16", numel, 2)
+            opt.ring.tensor(g_slot).copy_(grad)
+            for lo, hi in ((0, 1_500_001), (1_500_001, numel)):
+                opt.update(
+                    lent["master"],
+                    g_slot,
+                    lent["exp_avg"],
+                    lent["exp_avg_sq"],
+                    p_slot,
+                    lo,
+                    hi,
+                    2**20,
+                    hp,
+                    0.5,
+                )
+            expected = {k: t.clone() for k, t in state.items()}
+            params = torch.empty(numel, dtype=torch.bfloat16)
+            g = grad.clone()
+            adamw_update_(
+                expected["master"], g, expected["exp_avg"], expected["exp_avg_sq"], hp,
+                decay_end=2**20, grad_scale=0.5, params_out=params,
+            )  # fmt: skip
+            assert torch.equal(opt.ring.tensor(p_slot), params)
+            for kind in state:
+                assert cache.adopt(f"u00001.{kind}", 2) and not cache.adopt(f"u00001.{kind}", 2)
+                for version, want in ((2, expected[kind]), (1, state[kind])):
+                    buf = bytearray(align_up(numel * 4))
+                    assert cache.read(f"u00001.{kind}", version, memoryview(buf))
+                    assert torch.equal(torch.frombuffer(buf, dtype=torch.float32)[:numel], want), (
+                        kind,
+                        version,
+                    )
+            assert opt.lent.mapped == 12  # 3 records x (source, target) x 2 ranges
+            cache.keep_only(set())  # v1 parked as .free (kept), v2 deleted
+            opt.lent.forget_missing(prefix)
+            assert opt.lent.mapped == 6
+        finally:
+            opt.shutdown()
+            cache.remove_all()
+            cache.close()
+
+
 def test_a_full_dev_shm_is_a_named_error_not_a_bus_error(
     prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -517,7 +587,9 @@ def test_cached_runs_are_bit_identical_and_cut_the_ssd_traffic(tmp_path: Path, c
         got = (result.io["ssd_read_per_step"], result.io["ssd_written_per_step"])
         assert got == expected, f"{name}: SSD bytes per step (read, written) {got} != {expected}"
         assert expected[0] < plain.io["ssd_read_per_step"] and expected[1] <= plain.io["ssd_written_per_step"]
-        assert result.io["cache_bytes_read"] > 0 and result.io["cache_records"] > 0
+        # The optimizer updates cached state in the cache's own files (lent); other cached records are
+        # copied into ring slots (read).
+        assert result.io["cache_bytes_lent"] > 0 and result.io["cache_records"] > 0
         left = [p.name for p in SHM_DIR.glob("fuyou-ring-*-cache-*") if f"-{os.getpid()}-" in p.name]
         assert not left, f"cache files outlived the run: {left}"
 
