@@ -14,8 +14,6 @@ from fuyou_ray.optim import AdamWStep, adamw_update_
 from fuyou_ray.ring import RingMapping, RingSpec, SlotHandle
 from fuyou_ray.timeline import Span, Timeline
 
-LENT_BLOCK = 1 << 20  # elements per block of an out-of-place update (4 MiB per fp32 tensor)
-
 
 class CPUOptimizerActor:
     """One member of the optimizer pool (named `fuyou:cpu-opt-<rank>`).
@@ -60,7 +58,7 @@ class CPUOptimizerActor:
         it (scale 1) the gradient range itself is checked - one summing pass, which any NaN or inf poisons.
 
         The state comes either in ring slots (updated in place) or as records the host cache lent
-        (`LentRecord`: read from the version the step reads, written into the new version's file).
+        (`LentRecord`: the new version's file, a copy of the version the step reads, updated in place).
         """
         g, p = (self.ring.tensor(h)[lo:hi] for h in (grad, params))
         finite = math.isfinite(grad_scale) and grad_scale > 0
@@ -84,42 +82,13 @@ class CPUOptimizerActor:
                 and isinstance(exp_avg, LentRecord)
                 and isinstance(exp_avg_sq, LentRecord)
             ):
-                self._update_lent((master, exp_avg, exp_avg_sq), g, p, lo, hi, decay_end, hp, grad_scale)
+                self.lent.forget_missing(master.prefix)
+                w, m, v = (self.lent.view(h, lo, hi) for h in (master, exp_avg, exp_avg_sq))
+                adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
             else:
                 raise TypeError("update: master, exp_avg and exp_avg_sq must all be slots or all lent")
         self.elements += hi - lo
         return hi - lo
-
-    def _update_lent(
-        self,
-        state: tuple[LentRecord, LentRecord, LentRecord],
-        g: torch.Tensor,
-        p: torch.Tensor,
-        lo: int,
-        hi: int,
-        decay_end: int,
-        hp: AdamWStep,
-        grad_scale: float,
-    ) -> None:
-        """AdamW out of place, block by block: each block of the read version is copied into the new
-        version's file and updated there while it is still in the CPU's cache (one pass over memory
-        instead of a copy pass and an update pass)."""
-        self.lent.forget_missing(state[0].prefix)
-        (w_src, w), (m_src, m), (v_src, v) = (self.lent.views(r, lo, hi) for r in state)
-        for b in range(0, hi - lo, LENT_BLOCK):
-            e = min(b + LENT_BLOCK, hi - lo)
-            for src, dst in ((w_src, w), (m_src, m), (v_src, v)):
-                dst[b:e].copy_(src[b:e])
-            adamw_update_(
-                w[b:e],
-                g[b:e],
-                m[b:e],
-                v[b:e],
-                hp,
-                decay_end=decay_end - lo - b,
-                grad_scale=grad_scale,
-                params_out=p[b:e],
-            )
 
     def pid(self) -> int:
         return os.getpid()

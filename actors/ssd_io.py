@@ -118,10 +118,14 @@ class SSDIOActor:
         return rec.padded_nbytes
 
     def lend(self, name: str, version: int, *after: object) -> LentRecord:
-        """Lend cached record `name` to the optimizer, which writes version `version` of it straight into a
-        cache file (CachedStore.lend); `adopt` then stages that version."""
+        """Lend cached record `name` to the optimizer, which updates a copy in a cache file into version
+        `version` (CachedStore.lend); `adopt` then stages that version."""
         with self._io():
-            return self.store.lend(name, version)
+            start = time.time()
+            lent = self.store.lend(name, version)
+            nbytes = os.stat(lent.target).st_size
+            self.timeline.add(Span("cache write", name, start, time.time(), nbytes))
+        return lent
 
     def adopt(self, lent: LentRecord, *after: object) -> int:
         """Stage the version the optimizer wrote into a lent record's file (no copy). Returns the bytes
@@ -295,7 +299,7 @@ class SSDIOActor:
 
     def _io_now(self) -> tuple[int, int, int]:
         cache = self.store.cache
-        copied = cache.bytes_read + cache.bytes_written if cache is not None else 0
+        copied = cache.bytes_read + cache.bytes_written + cache.bytes_lent if cache is not None else 0
         return self.disk.bytes_read, self.disk.bytes_written, copied
 
     def _count_step_io(self, step: int) -> None:

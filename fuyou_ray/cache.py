@@ -11,10 +11,11 @@ driver's `CacheArea` checks /dev/shm has room for them and removes them when the
 `CachedStore` is the `TensorStore` the SSD actor uses. Records stay records: the SSD store's manifest and
 journal (on SSD) keep saying which version of each record a step reads, publishes and commits, so a step
 interrupted by an actor crash is replayed exactly as without the cache. Only where the bytes are changes:
-- the optimizer state (fp32 master weights, Adam moments) of a cached unit is lent, not copied: `lend`
-  hands the optimizer the cache file of the version the step reads and a file for the new version, the
-  optimizer actors update from one into the other through their own mappings (`LentViews`), and
-  `adopt` stages the new version like a write. Two copies through ring slots saved per record;
+- the optimizer state (fp32 master weights, Adam moments) of a cached unit is lent, not copied through
+  the ring: `lend` copies the version the step reads into a file for the new version (within the cache,
+  while the GPU computes), the optimizer actors update that file in place through their own mappings
+  (`LentViews`), and `adopt` stages it like a write. One copy per record instead of two, and none after
+  the optimizer;
 - a read of another cached record copies its version from the cache file into the ring slot (no SSD read);
 - a write puts the new version in a new cache file (written aside, then renamed: never torn, and the
   committed version is never overwritten in place) and
@@ -111,17 +112,16 @@ class CacheSpec:
 class LentRecord:
     """A cached record lent to the optimizer for one update (small, picklable: what Ray moves).
 
-    `source` is the cache file of the version the step reads, `target` the file `HostCache.lend` made for
-    the new version `version`; the optimizer reads one and writes the other through its own mappings
-    (`LentViews`), and the SSD actor's `adopt` makes the target that version. Saves the two copies
-    through a ring slot that a read and a write of the record would cost (24 of the 40 GiB a cached
-    13B-width step copied)."""
+    `target` is the file `HostCache.lend` made for the new version `version`, a copy of the version the
+    step reads; the optimizer updates it in place through its own mapping (`LentViews`), and the SSD
+    actor's `adopt` makes it that version. Instead of a copy into a ring slot and one back into a new
+    cache file, one copy within the cache, made while the GPU still computes: the optimizer phase then
+    ends with the update, not with the writes."""
 
     name: str
     dtype: str
     numel: int
     version: int
-    source: str
     target: str
     prefix: str  # the cache's file-name prefix (LentViews drops mappings of files gone from it)
 
@@ -130,17 +130,17 @@ class LentViews:
     """An optimizer actor's mappings of lent cache files, as tensors of an element range.
 
     Mappings are kept across calls, keyed by inode and byte range, for the reason HostCache keeps its own:
-    the cache recycles a record's few inodes (version -> `.free` -> lent -> version), so after a step or
-    two every update finds its ranges mapped and populated. `forget_missing` drops the mappings of files
+    the cache recycles a record's two inodes (version -> `.free` -> lent -> version), so after a step or
+    two every update finds its range mapped and populated. `forget_missing` drops the mappings of files
     deleted since (they would pin their pages); `close` drops all. Lifecycle: one per optimizer actor.
     """
 
     def __init__(self) -> None:
         self._maps: dict[tuple[int, int, int, int], mmap.mmap] = {}
 
-    def views(self, lent: LentRecord, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(source, target): elements [lo, hi) of the version read and of the version being written."""
-        return self._view(lent.source, lent.dtype, lo, hi), self._view(lent.target, lent.dtype, lo, hi)
+    def view(self, lent: LentRecord, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the lent file (the new version, to update in place)."""
+        return self._view(lent.target, lent.dtype, lo, hi)
 
     def _view(self, path: str, dtype: str, lo: int, hi: int) -> torch.Tensor:
         itemsize = DTYPES[dtype].itemsize
@@ -239,7 +239,7 @@ class HostCache:
         self._maps: dict[tuple[int, int], _KeptMapping] = {}  # (st_dev, st_ino) -> the file's mapping
         self.bytes_read = 0
         self.bytes_written = 0
-        self.bytes_lent = 0  # versions lent for another process to write (no copy here)
+        self.bytes_lent = 0  # versions copied for another process to update (`lend`)
 
     def path(self, name: str, version: int) -> Path:
         return SHM_DIR / f"{self.prefix}-{name}.v{version:08d}"
@@ -287,22 +287,40 @@ class HostCache:
         self._produce(name, tmp, nbytes, lambda kept: reader(memoryview(kept.mm)))
         os.replace(tmp, final)
 
-    def lend(self, name: str, version: int, new_version: int, nbytes: int) -> tuple[str, str]:
-        """Paths of version `version` of `name` (to read) and of a file of `nbytes` for `new_version` (to
-        write, e.g. by the optimizer, in place of two copies through ring slots). The new file is made from
-        the record's parked pages; `adopt` makes it that version. Lending the same new version again (a
-        replayed step) returns the same file."""
+    def lend(self, name: str, version: int, new_version: int) -> str:
+        """A copy of version `version` of `name`, in a file for `new_version` that another process (the
+        optimizer) may update in place; `adopt` then makes it that version. The copy runs here, in this
+        cache's threads and through its kept mappings, while the GPU still computes, so the optimizer
+        later only updates (its in-place AdamW, as on a ring slot). The file is made from the record's
+        parked pages. Lending the same new version again (a replayed step) copies afresh into the same
+        file: whatever a failed attempt wrote there is overwritten."""
         source = self.path(name, version)
-        if not source.is_file():
-            raise CacheError(f"{name} v{version} is not in the host cache ({source})")
+        try:
+            fd = os.open(source, os.O_RDWR)
+        except FileNotFoundError as exc:
+            raise CacheError(f"{name} v{version} is not in the host cache ({source})") from exc
+        try:
+            st = os.fstat(fd)
+            key, nbytes = (st.st_dev, st.st_ino), st.st_size
+            with self._lock:
+                src = self._maps.get(key)
+            if src is None or src.nbytes != nbytes:
+                src = _KeptMapping(fd, nbytes)
+                with self._lock:
+                    self._maps[key] = src
+        finally:
+            os.close(fd)
         lent = self.lent_path(name, new_version)
-        if not lent.is_file():
-            tmp = lent.with_name(f"{lent.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
-            self._produce(name, tmp, nbytes, lambda kept: None)
-            os.replace(tmp, lent)
+        tmp = lent.with_name(f"{lent.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
+
+        def copy(kept: _KeptMapping) -> None:
+            self._run(functools.partial(_copy_chunk, kept.array, src.array), nbytes, name)
+
+        self._produce(name, tmp, nbytes, copy, start_from=lent)
+        os.replace(tmp, lent)
         with self._lock:
             self.bytes_lent += nbytes
-        return str(source), str(lent)
+        return str(lent)
 
     def lent_path(self, name: str, version: int) -> Path:
         """The file `lend` makes for `version` of `name` (partial until `adopt`, and named like one)."""
@@ -316,10 +334,22 @@ class HostCache:
             return False
         return True
 
-    def _produce(self, name: str, tmp: Path, nbytes: int, fill: Callable[[_KeptMapping], object]) -> None:
-        """Make `tmp` a file of `nbytes` (from the record's parked pages when it has some) and `fill` it
-        through its kept mapping; on error the file goes."""
-        recycled = self._take_free(name, tmp)
+    def _produce(
+        self,
+        name: str,
+        tmp: Path,
+        nbytes: int,
+        fill: Callable[[_KeptMapping], object],
+        start_from: Path | None = None,
+    ) -> None:
+        """Make `tmp` a file of `nbytes` - the file `start_from` when it exists, else the record's parked
+        pages when it has some - and `fill` it through its kept mapping; on error the file goes."""
+        recycled = False
+        if start_from is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(start_from, tmp)
+                recycled = True
+        recycled = recycled or self._take_free(name, tmp)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if recycled else os.O_TRUNC), 0o600)
         key = (-1, -1)
         try:
@@ -671,7 +701,7 @@ class CachedStore:
                 self._writing.discard(key)
 
     def lend(self, name: str, version: int) -> LentRecord:
-        """Lend cached record `name` for writing version `version` in another process (see LentRecord).
+        """Lend cached record `name` for updating into version `version` in another process (LentRecord).
         The version the step reads comes into the cache first when it is only on SSD (the first step
         after a start), read straight into its cache file."""
         if name not in self.names or self.cache is None:
@@ -684,9 +714,8 @@ class CachedStore:
                     "/dev/shm cleared under the run?); re-run to resume from the last durable step"
                 )
             self.cache.fill(name, rec.version, rec.padded_nbytes, lambda view: self.ssd.read_into(name, view))
-        padded = align_up(rec.numel * _itemsize(rec.dtype))
-        source, target = self.cache.lend(name, rec.version, version, padded)
-        return LentRecord(name, rec.dtype, rec.numel, version, source, target, self.spec.prefix)
+        target = self.cache.lend(name, rec.version, version)
+        return LentRecord(name, rec.dtype, rec.numel, version, target, self.spec.prefix)
 
     def adopt(self, lent: LentRecord) -> TensorRecord:
         """Stage the lent record's new version, now written, as `write_from` stages a written one.

@@ -303,9 +303,10 @@ def account_step(
             d["cache read grads"] += g_bytes
         s_bytes = units[u].numel * STATE_BYTES
         if u in cached_s:
-            if schedule != "current":  # today's pipeline lends cached state to the optimizer: no copies
+            # today's pipeline lends cached state to the optimizer: one copy within the cache
+            d["cache write state"] += s_bytes
+            if schedule != "current":
                 d["cache read state"] += s_bytes
-                d["cache write state"] += s_bytes
         else:
             d["ssd read state"] += s_bytes
         if u not in cached_s or through:

@@ -15,8 +15,8 @@ The step, with L units (embedding, blocks, head):
 3. backward: for u = L-2 .. 0: read P_u, recompute + backward(u), G_u into a slot
 4. optimizer, per unit: read W, m, v (and G when it was logged), AdamW over the pool's element ranges,
    writing the new P into a slot, then write W, m, v, P back. When the host cache holds the unit's state
-   (`lent_state`), W, m, v are lent instead: the optimizer reads the cached version and writes the new
-   one into the cache's files, and `adopt` stages it (no ring slots, no copies).
+   (`lent_state`), W, m, v are lent instead: `lend` copies the cached version into a file for the new
+   one (early, while the GPU computes), the optimizer updates it in place, `adopt` stages it.
    - exact clipping (max_grad_norm > 0): every G is logged to SSD during backward, because the clipping
      coefficient needs all of them; the optimizer runs after the last backward.
    - no clipping: optimizer(u) consumes G_u straight from the ring, overlapping backward(u-1) (Fuyou).
@@ -228,9 +228,15 @@ def _optimizer(
     lent = u in s.lent_state
     state: dict[RecordKind, tuple[int, SlotHandle | None]] = {}
     for kind in (RecordKind.MASTER, RecordKind.EXP_AVG, RecordKind.EXP_AVG_SQ):
-        if lent:  # the optimizer reads and writes the host cache's files: no ring slot, no copies
+        if lent:  # the optimizer updates a copy in the host cache's files: no ring slot
             op = sched.add(
-                "ssd", "lend", record_name(u, kind), s.step + 1, phase="optimizer", unit=u, nbytes=0
+                "ssd",
+                "lend",
+                record_name(u, kind),
+                s.step + 1,
+                phase="optimizer",
+                unit=u,
+                nbytes=unit.numel * 4,
             )
             state[kind] = (op, None)
         else:

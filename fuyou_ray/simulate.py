@@ -138,6 +138,8 @@ def op_stages(op: Op, env: SimEnv, memo: dict[tuple[int, str], float] | None = N
             stages.append(Stage("cache_write", op.nbytes))
         elif method == "cache_write_through":  # CachedStore.write_from: the cache file, then the SSD
             stages += [Stage("cache_write", op.nbytes), Stage("ssd_write", op.nbytes)]
+        elif method == "lend":  # CachedStore.lend: the version read, copied into the new version's file
+            stages.append(Stage("cache_write", op.nbytes))
         elif method == "adopt_write_through":  # a lent record's new version: no copy, but to SSD
             stages.append(Stage("ssd_write", op.nbytes))
         elif method in ("commit", "publish"):

@@ -387,9 +387,10 @@ def test_writes_into_recycled_pages_reuse_their_kept_mapping(prefix: str) -> Non
 
 
 def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_slots(prefix: str) -> None:
-    """ssd.lend + opt.update + ssd.adopt, at the level of their parts: the new version written straight
-    into the lent file equals AdamW on ring slots bit for bit, the version read stays intact, lending
-    again (a replay) returns the same file, and mappings of deleted files are dropped."""
+    """ssd.lend + opt.update + ssd.adopt, at the level of their parts: the new version, updated in place
+    in the lent copy, equals AdamW on ring slots bit for bit; the version read stays intact; lending again
+    (a replay) copies afresh into the same file, undoing a failed attempt's update; mappings of deleted
+    files are dropped."""
     from actors.cpu_optimizer import CPUOptimizerActor
     from fuyou_ray.cache import LentRecord
     from fuyou_ray.optim import AdamWStep, adamw_update_
@@ -410,25 +411,18 @@ def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_
                 cache.write(f"u00001.{kind}", 1, buffer_of(t))
             lent = {}
             for kind in state:
-                source, target = cache.lend(f"u00001.{kind}", 1, 2, align_up(numel * 4))
-                assert cache.lend(f"u00001.{kind}", 1, 2, align_up(numel * 4)) == (source, target)
-                lent[kind] = LentRecord(f"u00001.{kind}", "float32", numel, 2, source, target, prefix)
+                target = cache.lend(f"u00001.{kind}", 1, 2)
+                lent[kind] = LentRecord(f"u00001.{kind}", "float32", numel, 2, target, prefix)
             g_slot = spec.slot(0).carrying("u00001.grad", "float32", numel, 2)
             p_slot = spec.slot(1).carrying("u00001.param", "bfloat16", numel, 2)
+            w, m, v = lent["master"], lent["exp_avg"], lent["exp_avg_sq"]
+            opt.ring.tensor(g_slot).copy_(grad)
+            opt.update(w, g_slot, m, v, p_slot, 0, numel, 2**20, hp, 0.5)  # a failed attempt's update
+            for kind in state:  # the replay lends again: the same file, the version read copied afresh
+                assert cache.lend(f"u00001.{kind}", 1, 2) == lent[kind].target
             opt.ring.tensor(g_slot).copy_(grad)
             for lo, hi in ((0, 1_500_001), (1_500_001, numel)):
-                opt.update(
-                    lent["master"],
-                    g_slot,
-                    lent["exp_avg"],
-                    lent["exp_avg_sq"],
-                    p_slot,
-                    lo,
-                    hi,
-                    2**20,
-                    hp,
-                    0.5,
-                )
+                opt.update(w, g_slot, m, v, p_slot, lo, hi, 2**20, hp, 0.5)
             expected = {k: t.clone() for k, t in state.items()}
             params = torch.empty(numel, dtype=torch.bfloat16)
             g = grad.clone()
@@ -442,14 +436,15 @@ def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_
                 for version, want in ((2, expected[kind]), (1, state[kind])):
                     buf = bytearray(align_up(numel * 4))
                     assert cache.read(f"u00001.{kind}", version, memoryview(buf))
-                    assert torch.equal(torch.frombuffer(buf, dtype=torch.float32)[:numel], want), (
-                        kind,
-                        version,
-                    )
-            assert opt.lent.mapped == 12  # 3 records x (source, target) x 2 ranges
-            cache.keep_only(set())  # v1 parked as .free (kept), v2 deleted
+                    got = torch.frombuffer(buf, dtype=torch.float32)[:numel]
+                    assert torch.equal(got, want), (kind, version)
+            assert opt.lent.mapped == 9  # 3 records x (the whole file, then 2 ranges)
+            cache.keep_only({(f"u00001.{kind}", 1) for kind in state})  # v2 parked as .free: same inode
             opt.lent.forget_missing(prefix)
-            assert opt.lent.mapped == 6
+            assert opt.lent.mapped == 9
+            cache.remove_all()
+            opt.lent.forget_missing(prefix)
+            assert opt.lent.mapped == 0
         finally:
             opt.shutdown()
             cache.remove_all()
