@@ -610,7 +610,9 @@ def uncached(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Reference]:
     return out
 
 
-CACHED_STEPS = 10
+# Steps of the cached fault runs: enough that the planned kills (each followed by a restart and a random
+# pause) land before the run ends; at 10, a loaded CI machine saw 3 of 6 land.
+CACHED_STEPS = 14
 
 
 @pytest.mark.slow
@@ -632,7 +634,7 @@ def test_actor_kills_with_a_write_back_cache(
     ]
     injector = run_with_kills(cfg, plan, seed=7)
     report(f"kills with a write-back cache, {'clipping' if clip else 'overlapped optimizer'}", injector)
-    # The short run can end before the last planned kill lands (CI saw 4 of 6 once).
+    # The run can end before the last planned kills land (see CACHED_STEPS).
     assert len(injector.kills) >= 4, injector.missed
     assert {k.kind for k in injector.kills} == {"ssd", "opt"}
     assert_identical(cfg, uncached[clip])
