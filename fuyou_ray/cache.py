@@ -165,11 +165,7 @@ class LentViews:
 
     def forget_missing(self, prefix: str) -> None:
         """Drop the mappings of files no longer among the cache's files (`prefix`)."""
-        live = set()
-        for path in SHM_DIR.glob(f"{prefix}-*"):
-            with contextlib.suppress(FileNotFoundError):
-                st = path.stat()
-                live.add((st.st_dev, st.st_ino))
+        live = _live_inodes(prefix)
         for key in [k for k in self._maps if k[:2] not in live]:
             self._close(key)
 
@@ -464,11 +460,7 @@ class HostCache:
 
     def _forget_missing(self) -> None:
         """Drop the mappings of files no longer in /dev/shm (deleted: they would pin their pages)."""
-        live = set()
-        for path in SHM_DIR.glob(f"{self.prefix}-*"):
-            with contextlib.suppress(FileNotFoundError):
-                st = path.stat()
-                live.add((st.st_dev, st.st_ino))
+        live = _live_inodes(self.prefix)
         with self._lock:
             gone = [key for key in self._maps if key not in live]
         for key in gone:
@@ -539,6 +531,17 @@ class _KeptMapping:
         # A copy still running in another thread holds a slice: the mapping then goes with the slice.
         with contextlib.suppress(BufferError):
             self.mm.close()
+
+
+def _live_inodes(prefix: str) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file of the cache named with `prefix` (a kept mapping of any other inode
+    belongs to a deleted file)."""
+    live = set()
+    for path in SHM_DIR.glob(f"{prefix}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            live.add((st.st_dev, st.st_ino))
+    return live
 
 
 def _copy_chunk(dst: np.ndarray, src: np.ndarray, off: int, size: int) -> int:
