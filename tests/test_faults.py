@@ -48,7 +48,8 @@ from tests.faults import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
-STEPS = 18  # long enough for a dozen kills, each waiting for the previous restart
+STEPS = 36  # long enough for a dozen kills, each waiting for the previous restart (tiny steps take
+# ~0.05 s: at 18, a run could end 3 kills in, its steps outrunning the pause before each kill)
 KINDS = (RecordKind.PARAM, RecordKind.MASTER, RecordKind.EXP_AVG, RecordKind.EXP_AVG_SQ)
 
 
