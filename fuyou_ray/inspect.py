@@ -26,14 +26,17 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def read_record(store: SSDTensorStore, name: str) -> torch.Tensor:
-    rec = store.record(name)
+    """The newest durable version of record `name` (see SSDTensorStore.newest)."""
+    rec = store.newest(name)
     buf = aligned_buffer(rec.nbytes)
-    store.read_into(name, memoryview(buf))
+    store.read_into(name, memoryview(buf), rec)
     return torch.frombuffer(buf, dtype=torch.uint8)[: rec.nbytes].view(DTYPES[rec.dtype]).clone()
 
 
 def load_unit_tensors(cfg: RunConfig, kind: RecordKind = RecordKind.MASTER) -> list[torch.Tensor]:
-    """Every unit's committed record of `kind` as a flat tensor. Do not call while the run is active."""
+    """Every unit's record of `kind` as a flat tensor: the committed one, or the one the step in progress
+    published when the run stopped mid-step (the committed one is gone then). Do not call while the run
+    is active."""
     spec = ModelSpec(cfg.model)
     store = SSDTensorStore(cfg.ssd.paths, direct_io=False)
     try:

@@ -398,6 +398,17 @@ class SSDTensorStore:
             raise RecordNotFoundError(f"the store holds no record {name!r}")
         return rec
 
+    def newest(self, name: str) -> TensorRecord:
+        """The newest durable version of `name`: the one the step in progress published, else the committed
+        one. What a stopped run holds of a unit whose update was published before the stop (its previous
+        state is gone; a replay skips the unit). A step reads `record`."""
+        with self._lock:
+            rec = self._pending.records.get(name) if self._pending is not None else None
+            rec = rec or self.manifest.records.get(name)
+        if rec is None:
+            raise RecordNotFoundError(f"the store holds no durable record {name!r}")
+        return rec
+
     def has(self, name: str) -> bool:
         with self._lock:
             published = self._pending is not None and name in self._pending.records
@@ -674,9 +685,10 @@ class SSDTensorStore:
             self.bytes_written += padded
         return rec
 
-    def read_into(self, name: str, dest: memoryview) -> TensorRecord:
-        """Read `record(name)` into `dest` (which must cover the padded size), verifying its checksums."""
-        rec = self.record(name)
+    def read_into(self, name: str, dest: memoryview, rec: TensorRecord | None = None) -> TensorRecord:
+        """Read `rec` (default: `record(name)`) into `dest` (which must cover the padded size), verifying its
+        checksums."""
+        rec = self.record(name) if rec is None else rec
         if rec.in_memory:
             _refuse_in_memory([rec], self.manifest.step)
         if dest.nbytes < rec.padded_nbytes:

@@ -754,3 +754,23 @@ def test_background_unlink_runs_off_the_commit_and_completes(dirs2: list[Path]) 
         assert store_files(dirs2) == record_files(new)
     finally:
         s.close()
+
+
+def test_newest_is_the_published_version_once_the_committed_one_is_superseded(
+    store: SSDTensorStore,
+) -> None:
+    """A run stopped between a unit's publication and the step's commit: the unit's committed state is
+    deleted (the replay skips the unit), so inspection reads the published version (`newest`)."""
+    old, new = torch.full((1000,), 1.0), torch.full((1000,), 2.0)
+    put(store, "u00000.master", old, 0)
+    store.commit(0, {})
+    put(store, "u00000.master", new, 1)
+    store.publish(1, ["u00000.master"], {})
+    assert store.record("u00000.master").version == 0  # what the step in progress reads
+    rec = store.newest("u00000.master")
+    assert rec.version == 1
+    buf = aligned_buffer(4096)
+    store.read_into("u00000.master", memoryview(buf), rec)
+    assert torch.equal(torch.frombuffer(buf, dtype=torch.float32)[:1000], new)
+    with pytest.raises(RecordNotFoundError):
+        store.newest("u00009.master")
