@@ -76,7 +76,6 @@ class CPUOptimizerActor:
                 and isinstance(exp_avg_sq, SlotHandle)
             ):
                 w, m, v = (self.ring.tensor(h)[lo:hi] for h in (master, exp_avg, exp_avg_sq))
-                adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
             elif (
                 isinstance(master, LentRecord)
                 and isinstance(exp_avg, LentRecord)
@@ -84,9 +83,9 @@ class CPUOptimizerActor:
             ):
                 self.lent.forget_missing(master.prefix)
                 w, m, v = (self.lent.view(h, lo, hi) for h in (master, exp_avg, exp_avg_sq))
-                adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
             else:
                 raise TypeError("update: master, exp_avg and exp_avg_sq must all be slots or all lent")
+            adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
         self.elements += hi - lo
         return hi - lo
 

@@ -301,6 +301,7 @@ class HostCache:
             with self._lock:
                 src = self._maps.get(key)
             if src is None or src.nbytes != nbytes:
+                self._forget(key)  # (another size: that mapping no longer fits the file)
                 src = _KeptMapping(fd, nbytes)
                 with self._lock:
                     self._maps[key] = src
