@@ -3,9 +3,10 @@
 Layout on disk. Each SSD directory holds `fuyou-store/` with one file per (record, version, stripe):
 `u00003.master.v000012.s1` is stripe 1 of unit 3's fp32 master weights as written by step 12. A record's
 bytes (padded to 4 KiB) are split into one contiguous stripe per directory, so a read or write of one record
-keeps every SSD busy. A record file is written once, by one `write_from`, and never modified afterwards: a
-new version goes to new files, so no committed copy is ever overwritten in place (and a checkpoint may
-hard-link them).
+keeps every SSD busy. A record file is written once - by one `write_from`, or range by range by
+`write_range` (a unit too large for one ring slot is updated in element ranges) - and never modified after
+its version is staged: a new version goes to new files, so no committed copy is ever overwritten in place
+(and a checkpoint may hard-link them).
 
 Crash consistency without doubling the state. A step moves through three durable states:
 - `manifest.json` (written with fsync + rename + fsync of the directory) names the records of the last
@@ -95,6 +96,10 @@ class StoreBusyError(StoreError, StoreLockedError):
     """Another live process owns the store."""
 
 
+class RangeError(StoreError, ValueError):
+    """A ranged read or write whose bounds split one of the record's checksum chunks."""
+
+
 class RecordInMemoryError(StoreError):
     """A record's bytes live only in the run's host-memory cache (write-back; see fuyou_ray/cache.py), which
     this reader does not have: the running (or crashed) run's SSD actor owns them."""
@@ -174,6 +179,16 @@ class Manifest:
 
 
 @dataclass
+class _Assembly:
+    """A version `write_range` is writing range by range: its files exist at full size; `crcs` holds the
+    checksums of the chunks written so far, by chunk index."""
+
+    rec: TensorRecord
+    crcs: dict[int, int]
+    num_chunks: int
+
+
+@dataclass
 class PendingStep:
     """The published part of the step after the committed one (what the journal holds).
 
@@ -241,6 +256,9 @@ class SSDTensorStore:
             self._lock = threading.Lock()  # guards the record maps
             self._meta_lock = threading.Lock()  # serialises journal and manifest writes
             self._staged: dict[str, TensorRecord] = {}
+            # Versions being written range by range (`write_range`), by name; staged once complete.
+            self._assembling: dict[str, _Assembly] = {}
+            self._assembly_lock = threading.Lock()
             self.journal = Journal(self.dirs[0] / JOURNAL)
             self._open_metadata()
         except BaseException:
@@ -558,7 +576,9 @@ class SSDTensorStore:
         if n == 1 or padded <= self.chunk_bytes:
             # Small records live whole in one directory, spread by name so small I/O also balances.
             return (Stripe(zlib.crc32(name.encode()) % n, 0, padded),)
-        per = align_up(-(-padded // n))
+        # Stripes start on checksum-chunk boundaries, so the record's chunks sit at multiples of
+        # chunk_bytes: the grid that ranged reads and writes (`read_range`, `write_range`) cut along.
+        per = align_up(-(-padded // n), self.chunk_bytes)
         stripes, offset = [], 0
         for d in range(n):
             size = min(per, padded - offset)
@@ -568,10 +588,15 @@ class SSDTensorStore:
             offset += size
         return tuple(stripes)
 
-    def _open(self, directory: int, file_name: str, write: bool) -> int:
+    def _open(self, directory: int, file_name: str, write: bool, create: bool = True) -> int:
         # A record file is created by exactly one write (O_EXCL after removing any leftover of the same name),
-        # so a write never goes through to a file that a checkpoint hard-linked.
-        flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL) if write else os.O_RDONLY
+        # so a write never goes through to a file that a checkpoint hard-linked. `create=False` opens a
+        # file that `write_range` created for the version it is assembling.
+        if write and not create:
+            flags = os.O_WRONLY
+            write = False  # nothing to remove first
+        else:
+            flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL) if write else os.O_RDONLY
         if self.direct[directory]:
             flags |= os.O_DIRECT
         path = self.dirs[directory] / file_name
@@ -689,18 +714,32 @@ class SSDTensorStore:
         """Read `rec` (default: `record(name)`) into `dest` (which must cover the padded size), verifying its
         checksums."""
         rec = self.record(name) if rec is None else rec
+        return self._read(rec, dest, 0, rec.nbytes)
+
+    def read_range(
+        self, name: str, dest: memoryview, lo: int, hi: int, rec: TensorRecord | None = None
+    ) -> TensorRecord:
+        """Read bytes [lo, hi) of `rec` (default: `record(name)`) into `dest`, verifying the checksums of
+        the chunks they cover. `lo` and `hi` fall on the record's checksum chunks (multiples of
+        `rec.chunk_bytes`; `hi` may be the record's size, and then `dest` covers the 4 KiB padding too)."""
+        rec = self.record(name) if rec is None else rec
+        return self._read(rec, dest, lo, hi)
+
+    def _read(self, rec: TensorRecord, dest: memoryview, lo: int, hi: int) -> TensorRecord:
+        name = rec.name
         if rec.in_memory:
             _refuse_in_memory([rec], self.manifest.step)
-        if dest.nbytes < rec.padded_nbytes:
-            raise ValueError(f"{name}: destination of {dest.nbytes} B < {rec.padded_nbytes} B (padded)")
-        dest = dest.cast("B")[: rec.padded_nbytes]
-        fds: list[int] = []
+        chunks, end = self._range_chunks(rec, lo, hi)
+        if dest.nbytes < end - lo:
+            raise ValueError(f"{name}: destination of {dest.nbytes} B < {end - lo} B (bytes {lo}..{end})")
+        dest = dest.cast("B")[: end - lo]
+        fds: dict[int, int] = {}
         try:
-            for k, s in enumerate(rec.stripes):
-                fds.append(self._open(s.directory, rec.file_name(k), write=False))
+            for k in sorted({c[1] for c in chunks}):
+                fds[k] = self._open(rec.stripes[k].directory, rec.file_name(k), write=False)
 
             def read_chunk(k: int, rec_off: int, file_off: int, size: int) -> Future[int] | None:
-                view = dest[rec_off : rec_off + size]
+                view = dest[rec_off - lo : rec_off - lo + size]
                 done = 0
                 while done < size:
                     got = os.preadv(fds[k], [view[done:]], file_off + done)
@@ -711,23 +750,169 @@ class SSDTensorStore:
                 # Checked on the checksum threads while this I/O thread reads the next chunk.
                 return self._sums.submit(_crc, view[:logical]) if self.verify else None
 
-            chunks = list(self._chunks(rec))
-            pending = _results([self._pool.submit(read_chunk, *c) for c in chunks], name)
+            pending = _results([self._pool.submit(read_chunk, *c[1:]) for c in chunks], name)
             crcs = [0 if f is None else f.result() for f in pending]
         finally:
-            for fd in fds:
+            for fd in fds.values():
                 os.close(fd)
         if self.verify:
-            for i, (got, want) in enumerate(zip(crcs, rec.chunk_crcs, strict=True)):
-                if got != want:
+            for (i, _, off, _, _), got in zip(chunks, crcs, strict=True):
+                if got != rec.chunk_crcs[i]:
                     raise ChecksumError(
-                        f"{name} v{rec.version}: chunk {i} (bytes {chunks[i][1]}..) fails its "
-                        f"checksum (crc {got:#x} != {want:#x}): the record is corrupted on disk "
+                        f"{name} v{rec.version}: chunk {i} (bytes {off}..) fails its "
+                        f"checksum (crc {got:#x} != {rec.chunk_crcs[i]:#x}): the record is corrupted on disk "
                         f"({self.dirs[rec.stripes[0].directory]}); restore a checkpoint"
                     )
         with self._lock:
-            self.bytes_read += rec.padded_nbytes
+            self.bytes_read += end - lo
         return rec
+
+    def _range_chunks(
+        self, rec: TensorRecord, lo: int, hi: int
+    ) -> tuple[list[tuple[int, int, int, int, int]], int]:
+        """The chunks bytes [lo, hi) of `rec` cover, as (chunk index, stripe, offset in record, offset in
+        file, nbytes), and where the covered bytes end (the padded size when hi is the record's end)."""
+        if not 0 <= lo <= hi <= rec.nbytes:
+            raise RangeError(f"{rec.name}: bytes [{lo}, {hi}) outside its {rec.nbytes} B")
+        end = hi if hi < rec.nbytes else rec.padded_nbytes
+        out = []
+        for i, (k, off, file_off, size) in enumerate(self._chunks(rec)):
+            if off + size <= lo or off >= end:
+                continue
+            if off < lo or off + size > end:
+                raise RangeError(
+                    f"{rec.name}: bytes [{lo}, {hi}) split its checksum chunk {i} "
+                    f"(bytes {off}..{off + size}): ranges must start and end on multiples of "
+                    f"{rec.chunk_bytes} B (or at the record's end)"
+                )
+            out.append((i, k, off, file_off, size))
+        return out, end
+
+    def write_range(
+        self,
+        name: str,
+        src: memoryview,
+        *,
+        dtype: str,
+        numel: int,
+        version: int,
+        lo: int,
+        hi: int,
+        transient: bool = False,
+    ) -> TensorRecord | None:
+        """Write bytes [lo, hi) of version `version` of `name` (a record of `numel` elements) from `src`.
+
+        For a record too large to pass through one buffer: the version is assembled from ranges, written
+        by any threads in any order; the call that completes it stages the version (as `write_from` does)
+        and returns its record, the others return None. Bounds as for `read_range`. Writing a range again
+        rewrites the same bytes. Idempotent for a version that is already durable, like `write_from`.
+        """
+        durable = self._durable_version(name, version)
+        if durable is not None and not transient and not durable.in_memory:
+            return durable
+        # Bad bounds are refused before anything is created (the layout of a version is a pure function).
+        chunks, end = self._range_chunks(self._new_record(name, dtype, numel, version), lo, hi)
+        if src.nbytes < end - lo:
+            raise ValueError(f"{name}: source of {src.nbytes} B < {end - lo} B (bytes {lo}..{end})")
+        asm = self._assembly(name, dtype, numel, version)
+        rec = asm.rec
+        src = src.cast("B")[: end - lo]
+        fds: dict[int, int] = {}
+        try:
+            for k in sorted({c[1] for c in chunks}):
+                fds[k] = self._open(rec.stripes[k].directory, rec.file_name(k), write=True, create=False)
+
+            def write_chunk(k: int, rec_off: int, file_off: int, size: int) -> int:
+                view = src[rec_off - lo : rec_off - lo + size]
+                done = 0
+                while done < size:
+                    done += os.pwritev(fds[k], [view[done:]], file_off + done)
+                return size
+
+            sums = [
+                self._sums.submit(_crc, src[off - lo : off - lo + max(0, min(n, rec.nbytes - off))])
+                for _, _, off, _, n in chunks
+            ]
+            _results([self._pool.submit(write_chunk, *c[1:]) for c in chunks], name)
+            crcs = _results(sums, name)
+            for fd in fds.values():
+                os.fsync(fd)
+        except BaseException as exc:
+            self._abandon(asm)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise StoreFullError(
+                    f"SSD full while writing {name}: free space and re-run. Committed state is intact."
+                ) from exc
+            raise
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        with self._assembly_lock:
+            if self._assembling.get(name) is not asm:
+                raise StoreError(
+                    f"{name} v{version}: the version was abandoned while bytes {lo}..{hi} were written "
+                    "(another range failed, or the step was discarded); the step's replay writes it again"
+                )
+            asm.crcs.update((c[0], crc) for c, crc in zip(chunks, crcs, strict=True))
+            complete = len(asm.crcs) == asm.num_chunks
+            if complete:
+                del self._assembling[name]
+        with self._lock:
+            self.bytes_written += end - lo
+        if not complete:
+            return None
+        rec = replace(rec, chunk_crcs=tuple(asm.crcs[i] for i in range(asm.num_chunks)), transient=transient)
+        with self._lock:
+            self._staged[name] = rec
+        return rec
+
+    def _assembly(self, name: str, dtype: str, numel: int, version: int) -> _Assembly:
+        """The version of `name` being assembled by `write_range`: created (files allocated) by the first
+        range. An assembly of another version, or a staged version, of `name` is superseded: deleted."""
+        with self._assembly_lock:
+            asm = self._assembling.get(name)
+            if asm is not None and (asm.rec.version, asm.rec.numel, asm.rec.dtype) == (version, numel, dtype):
+                return asm
+            if asm is not None:
+                del self._assembling[name]
+                self._delete_files(asm.rec)
+            with self._lock:
+                previous = self._staged.pop(name, None)
+            if previous is not None:
+                self._delete_files(previous)
+            rec = self._new_record(name, dtype, numel, version)
+            self._allocate(rec)
+            asm = _Assembly(rec, {}, sum(1 for _ in self._chunks(rec)))
+            self._assembling[name] = asm
+            return asm
+
+    def _new_record(self, name: str, dtype: str, numel: int, version: int) -> TensorRecord:
+        nbytes = numel * _itemsize(dtype)
+        stripes = self._stripes_for(name, align_up(nbytes))
+        return TensorRecord(name, dtype, numel, nbytes, version, stripes, (), chunk_bytes=self.chunk_bytes)
+
+    def _allocate(self, rec: TensorRecord) -> None:
+        """Create `rec`'s files at their full size (a full SSD is a named error here, not mid-write)."""
+        for k, s in enumerate(rec.stripes):
+            fd = self._open(s.directory, rec.file_name(k), write=True)
+            try:
+                os.posix_fallocate(fd, 0, s.nbytes)
+            except OSError as exc:
+                self._delete_files(rec)
+                if exc.errno == errno.ENOSPC:
+                    raise StoreFullError(
+                        f"{self.dirs[s.directory]}: no space for {s.nbytes} B of {rec.name}; free space "
+                        "or add a directory to ssd.paths. Committed state is intact."
+                    ) from exc
+                raise
+            finally:
+                os.close(fd)
+
+    def _abandon(self, asm: _Assembly) -> None:
+        with self._assembly_lock:
+            if self._assembling.get(asm.rec.name) is asm:
+                del self._assembling[asm.rec.name]
+        self._delete_files(asm.rec)
 
     # ------------------------------------------------------------------------------------------ commits
 
@@ -826,6 +1011,9 @@ class SSDTensorStore:
         with self._lock:
             staged = list(self._staged.values())
             self._staged.clear()
+        with self._assembly_lock:
+            staged += [asm.rec for asm in self._assembling.values()]
+            self._assembling.clear()
         for rec in staged:
             if self._durable_version(rec.name, rec.version) is None:
                 self._delete_files(rec)

@@ -23,6 +23,7 @@ from fuyou_ray.store import (
     STORE_DIR,
     ChecksumError,
     ManifestError,
+    RangeError,
     RecordNotFoundError,
     RecordState,
     SSDTensorStore,
@@ -269,9 +270,10 @@ def test_large_records_stripe_over_every_directory(tmp_path: Path, ndirs: int) -
             assert path.is_file(), f"no stripe file in {dirs[k]}"
             assert path.stat().st_size == rec.stripes[k].nbytes
         assert sum(st.nbytes for st in rec.stripes) == rec.padded_nbytes
-        # Stripes are balanced to within one 4 KiB block.
+        # Stripes start on checksum chunks (ranged I/O cuts along them) and are balanced to within that.
         sizes = [st.nbytes for st in rec.stripes]
-        assert max(sizes) - min(sizes) <= ALIGN * ndirs
+        assert all(st.offset % CHUNK == 0 for st in rec.stripes)
+        assert max(sizes) - min(sizes) <= CHUNK * ndirs
         assert torch.equal(get(s, "u00002.exp_avg"), t)
     finally:
         s.close()
@@ -291,6 +293,125 @@ def test_small_records_live_whole_in_one_directory_spread_by_name(tmp_path: Path
         assert used == {0, 1, 2}
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------------------------------------- ranges
+
+
+def ranges(numel: int, elems: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + elems, numel)) for lo in range(0, numel, elems)]
+
+
+def put_range(s: SSDTensorStore, name: str, t: torch.Tensor, lo: int, hi: int, version: int) -> object:
+    """Write elements [lo, hi) of fp32 `t` as a range of `name`'s version, from its own aligned buffer."""
+    buf = aligned_buffer((hi - lo) * 4)
+    torch.frombuffer(buf, dtype=torch.float32)[: hi - lo].copy_(t[lo:hi])
+    return s.write_range(
+        name, memoryview(buf), dtype="float32", numel=t.numel(), version=version, lo=lo * 4, hi=hi * 4
+    )
+
+
+@pytest.mark.parametrize("ndirs", [1, 2, 3])
+def test_a_version_written_range_by_range_in_any_order_reads_back_whole_and_by_range(
+    tmp_path: Path, ndirs: int
+) -> None:
+    dirs = make_dirs(tmp_path, ndirs)
+    s = open_store(dirs)
+    try:
+        t = data(40_001, seed=3)  # 10 chunks of CHUNK bytes and a short, padded end
+        elems = 2 * CHUNK // 4
+        parts = ranges(t.numel(), elems)
+        order = parts[1::2] + parts[::2]
+        results = [put_range(s, "u00001.master", t, lo, hi, 4) for lo, hi in order[:-1]]
+        assert results == [None] * (len(order) - 1)  # not staged until every byte is written
+        with pytest.raises(RecordNotFoundError):
+            s.record("u00001.master")
+        rec = put_range(s, "u00001.master", t, *order[-1], 4)
+        assert isinstance(rec, TensorRecord) and rec.version == 4 and rec.state == RecordState.STAGED
+        assert s.record("u00001.master") == rec
+        assert torch.equal(get(s, "u00001.master"), t)  # the whole-record read verifies every checksum
+        for lo, hi in parts:
+            buf = aligned_buffer((hi - lo) * 4)
+            s.read_range("u00001.master", memoryview(buf), lo * 4, hi * 4)
+            assert torch.equal(torch.frombuffer(buf, dtype=torch.float32)[: hi - lo], t[lo:hi])
+        s.commit(1, {})
+        assert torch.equal(get(s, "u00001.master"), t)
+    finally:
+        s.close()
+
+
+def test_ranges_that_split_a_checksum_chunk_are_refused(store: SSDTensorStore) -> None:
+    t = data(10_000, seed=4)
+    put(store, "u00000.master", t, 1)
+    buf = aligned_buffer(40_000)
+    with pytest.raises(RangeError, match="multiples of 8192"):
+        store.read_range("u00000.master", memoryview(buf), 4096, 8192 * 2)
+    with pytest.raises(RangeError, match="outside"):
+        store.read_range("u00000.master", memoryview(buf), 0, 40_004)
+    with pytest.raises(RangeError):
+        store.write_range(
+            "u00000.exp_avg", memoryview(buf), dtype="float32", numel=10_000, version=1, lo=0, hi=4096
+        )
+    assert store_files(store_dirs(store)) == record_files(store.record("u00000.master"))
+
+
+def test_a_corrupted_chunk_is_named_by_the_range_that_reads_it(
+    store: SSDTensorStore, dirs2: list[Path]
+) -> None:
+    t = data(8192, seed=5)  # 32 KiB: 4 chunks, two stripes
+    rec = put(store, "u00000.exp_avg_sq", t, 1)
+    path = stripe_path(dirs2, rec, 1)
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF  # in the record's third chunk
+    path.write_bytes(bytes(raw))
+    buf = aligned_buffer(16384)
+    store.read_range("u00000.exp_avg_sq", memoryview(buf), 0, 16384)  # chunks 0-1 are intact
+    with pytest.raises(ChecksumError, match="chunk 2"):
+        store.read_range("u00000.exp_avg_sq", memoryview(buf), 16384, 32768)
+
+
+def test_discard_deletes_a_half_assembled_version_and_a_replay_assembles_it_again(
+    store: SSDTensorStore, dirs2: list[Path]
+) -> None:
+    old = data(20_000, seed=6)
+    put(store, "u00002.master", old, 1)
+    store.commit(1, {})
+    committed = store_files(dirs2)
+    new = data(20_000, seed=7)
+    parts = ranges(new.numel(), CHUNK // 4)
+    for lo, hi in parts[:3]:
+        put_range(store, "u00002.master", new, lo, hi, 2)
+    assert store_files(dirs2) > committed  # the new version's files exist at full size
+    store.discard_staged()  # the attempt is abandoned
+    assert store_files(dirs2) == committed
+    assert torch.equal(get(store, "u00002.master"), old)
+    for lo, hi in reversed(parts):  # the replay
+        put_range(store, "u00002.master", new, lo, hi, 2)
+    assert torch.equal(get(store, "u00002.master"), new)
+    store.publish(2, ["u00002.master"], {"k": 1})
+    # A repeated range of a published version changes nothing.
+    rec = put_range(store, "u00002.master", data(20_000, seed=8), 0, CHUNK // 4, 2)
+    assert isinstance(rec, TensorRecord) and rec.state == RecordState.PUBLISHED
+    store.commit(2, {})
+    assert torch.equal(get(store, "u00002.master"), new)
+
+
+def test_a_failed_range_abandons_the_version_and_its_files(
+    store: SSDTensorStore, dirs2: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = data(20_000, seed=9)
+    put_range(store, "u00003.master", t, 0, CHUNK // 4, 1)
+
+    def fail(*args: object) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_mod.os, "pwritev", fail)
+    with pytest.raises(StoreError, match=r"I/O error on u00003\.master"):
+        put_range(store, "u00003.master", t, CHUNK // 4, 2 * CHUNK // 4, 1)
+    monkeypatch.undo()
+    assert store_files(dirs2) == set()
+    with pytest.raises(RecordNotFoundError):
+        store.record("u00003.master")
 
 
 # ------------------------------------------------------------------------------------ versions, commits
