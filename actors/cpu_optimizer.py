@@ -60,7 +60,9 @@ class CPUOptimizerActor:
         The state comes either in ring slots (updated in place) or as records the host cache lent
         (`LentRecord`: the new version's file, a copy of the version the step reads, updated in place).
         """
-        g, p = (self.ring.tensor(h)[lo:hi] for h in (grad, params))
+        # A slot may hold a range of its record (`first`): a unit too large for one slot is updated range
+        # by range; the params slot always holds the whole unit.
+        g, p = (self.ring.tensor(h)[h.elements(lo, hi)] for h in (grad, params))
         finite = math.isfinite(grad_scale) and grad_scale > 0
         if finite and grad_scale == 1.0:
             finite = bool(torch.isfinite(g.sum()))
@@ -75,7 +77,7 @@ class CPUOptimizerActor:
                 and isinstance(exp_avg, SlotHandle)
                 and isinstance(exp_avg_sq, SlotHandle)
             ):
-                w, m, v = (self.ring.tensor(h)[lo:hi] for h in (master, exp_avg, exp_avg_sq))
+                w, m, v = (self.ring.tensor(h)[h.elements(lo, hi)] for h in (master, exp_avg, exp_avg_sq))
             elif (
                 isinstance(master, LentRecord)
                 and isinstance(exp_avg, LentRecord)

@@ -118,6 +118,7 @@ class GPUComputeActor:
         self.loss = torch.zeros(())
         # fp32 gradients computed but not yet emitted, with the event that marks them complete on CUDA
         self.grads: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self.grad_left: dict[int, int] = {}  # elements of a gradient emitted range by range still to go
         self.norms: dict[int, list[torch.Tensor]] = {}
         self.log.info("compute on %s in %s, %d units", self.device, compute_dtype, len(self.units))
 
@@ -134,6 +135,7 @@ class GPUComputeActor:
         self.grad_out = []
         self.loss = torch.zeros((), device=self.device)
         self.grads = {}
+        self.grad_left = {}
         self.norms = {}
         return self.accum
 
@@ -203,9 +205,19 @@ class GPUComputeActor:
         return unit
 
     def emit_grad(self, unit: int, slot: SlotHandle, *after: object) -> SlotHandle:
-        """Copy unit `unit`'s fp32 gradient into `slot` (D2H); returns when the slot holds it."""
-        grad, ready = self.grads.pop(unit)
-        handle = slot.carrying(slot.tensor, "float32", grad.numel(), slot.version)
+        """Copy unit `unit`'s fp32 gradient - elements [slot.first, slot.first + slot.numel), the whole
+        gradient unless the slot carries a range of it - into `slot` (D2H); returns when the slot holds it.
+        The device lets go of the gradient once its last element is out."""
+        grad, ready = self.grads[unit]
+        lo = slot.first
+        hi = lo + (slot.numel or grad.numel() - lo)
+        left = self.grad_left.get(unit, grad.numel()) - (hi - lo)
+        if left > 0:
+            self.grad_left[unit] = left
+        else:
+            del self.grads[unit]
+            self.grad_left.pop(unit, None)
+        handle = slot.carrying(slot.tensor, "float32", hi - lo, slot.version, first=lo)
         dest = self.ring.tensor(handle)
         with self.lanes.on("d2h", slot.tensor, handle.nbytes) as stream:
             if stream is not None and ready is not None:
@@ -213,7 +225,7 @@ class GPUComputeActor:
                 # already enqueued: the copy-out then overlaps that compute.
                 stream.wait_event(ready)
                 grad.record_stream(stream)
-            dest.copy_(grad, non_blocking=True)
+            dest.copy_(grad[lo:hi], non_blocking=True)
         if stream is not None:
             stream.synchronize()
         return handle

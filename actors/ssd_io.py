@@ -117,6 +117,35 @@ class SSDIOActor:
             )
         return rec.padded_nbytes
 
+    def read_range(self, name: str, slot: SlotHandle, lo: int, hi: int, *after: object) -> SlotHandle:
+        """Fill `slot` with elements [lo, hi) of record `name` (a range of a unit too large for one slot,
+        on SSD); returns the slot, now carrying them."""
+        with self._io():
+            rec = self.disk.record(name)
+            item = DTYPES[rec.dtype].itemsize
+            handle = slot.carrying(name, rec.dtype, hi - lo, rec.version, first=lo)
+            with self.timeline.span("ssd read", f"{name}[{lo}:{hi}]", handle.nbytes):
+                self.store.read_range(name, self.ring.memoryview(handle), lo * item, hi * item)
+        return handle
+
+    def write_range(self, slot: SlotHandle, version: int, transient: bool, numel: int, *after: object) -> int:
+        """Write the slot's elements (a range of a record of `numel` elements, at `slot.first`) into version
+        `version` of its record, which is staged once its last range is written. Returns bytes written."""
+        item = DTYPES[slot.dtype].itemsize
+        lo, hi = slot.first, slot.first + slot.numel
+        with self._io(), self.timeline.span("ssd write", f"{slot.tensor}[{lo}:{hi}]", slot.nbytes):
+            self.store.write_range(
+                slot.tensor,
+                self.ring.memoryview(slot),
+                dtype=slot.dtype,
+                numel=numel,
+                version=version,
+                lo=lo * item,
+                hi=hi * item,
+                transient=transient,
+            )
+        return slot.nbytes
+
     def lend(self, name: str, version: int, *after: object) -> LentRecord:
         """Lend cached record `name` to the optimizer, which updates a copy in a cache file into version
         `version` (CachedStore.lend); `adopt` then stages that version."""

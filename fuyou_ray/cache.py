@@ -704,6 +704,38 @@ class CachedStore:
             with self._gc_lock:
                 self._writing.discard(key)
 
+    def read_range(self, name: str, dest: memoryview, lo: int, hi: int) -> TensorRecord:
+        """Bytes [lo, hi) of the version a step reads (SSDTensorStore.read_range); SSD records only."""
+        self._refuse_ranges(name)
+        return self.ssd.read_range(name, dest, lo, hi)
+
+    def write_range(
+        self,
+        name: str,
+        src: memoryview,
+        *,
+        dtype: str,
+        numel: int,
+        version: int,
+        lo: int,
+        hi: int,
+        transient: bool = False,
+    ) -> TensorRecord | None:
+        """Bytes [lo, hi) of a version assembled range by range (SSDTensorStore.write_range); SSD records
+        only."""
+        self._refuse_ranges(name)
+        return self.ssd.write_range(
+            name, src, dtype=dtype, numel=numel, version=version, lo=lo, hi=hi, transient=transient
+        )
+
+    def _refuse_ranges(self, name: str) -> None:
+        # The planner never splits a unit whose state it caches: a cached record moves whole (or is lent).
+        if name in self.names and self.cache is not None:
+            raise CacheError(
+                f"{name} is held by the host cache, which moves records whole: ranged I/O is for records "
+                "on SSD (a plan that caches a unit's state does not update it in element ranges)"
+            )
+
     def lend(self, name: str, version: int) -> LentRecord:
         """Lend cached record `name` for updating into version `version` in another process (LentRecord).
         The version the step reads comes into the cache first when it is only on SSD (the first step

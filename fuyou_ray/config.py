@@ -237,6 +237,8 @@ class RuntimeConfig:
     the end and when stopped); a killed driver resumes from the last flush. `cache_write_through: true`
     writes them to SSD at every step instead (durable at every commit; the cache then saves the reads).
     `cache_threads` copy between the cache and the ring (0: one per core, at most 16; fuyou_ray/cache.py).
+    `optimizer_range` (elements): a unit with more is updated range by range, so ring slots need not hold a
+    whole unit's fp32 state (a 175B-width block is 7 GB per fp32 record). 0 = only when cpu_mem needs it.
     `data_parallel: N` runs N pipelines, each on 1/N of the global batch (docs: README, Data parallelism).
     """
 
@@ -253,6 +255,7 @@ class RuntimeConfig:
     cache_write_through: bool = False
     cache_flush_every: int = 50
     cache_threads: int = 0
+    optimizer_range: int = 0
     # Pipelines (GPU compute + SSD I/O + optimizer pool each, one per GPU) that split every step's batch;
     # gradients are summed across them and each holds 1/N of the optimizer state (fuyou_ray/parallel/).
     data_parallel: int = 1
@@ -448,6 +451,7 @@ def _validate(cfg: RunConfig) -> None:
     require(len(set(cfg.ssd.paths)) == len(cfg.ssd.paths), "ssd.paths", "lists the same directory twice")
     require(cfg.ssd.io_threads >= 1, "ssd.io_threads", "must be >= 1")
     require(cfg.runtime.optimizer_actors >= 0, "runtime.optimizer_actors", "must be >= 0 (0 = auto)")
+    require(cfg.runtime.optimizer_range >= 0, "runtime.optimizer_range", "must be >= 0 (0 = auto)")
     require(cfg.runtime.optimizer_threads >= 0, "runtime.optimizer_threads", "must be >= 0 (0 = auto)")
     _validate_data_parallel(cfg, require)
     require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", "must be >= 0")

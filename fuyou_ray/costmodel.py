@@ -393,6 +393,13 @@ def chunk_working_sets(w: Workload, plan: Plan) -> tuple[int, int]:
     return block, head
 
 
+def working_bytes(spec: ModelSpec) -> int:
+    """Host buffers outside the ring: `SSDIOActor.initialize` holds the largest unit's fp32 weights and a
+    staging buffer of the same size (WORKING_SLOTS whole-unit fp32 buffers, whatever the ring's slots)."""
+    largest = max(u.numel for u in spec.units)
+    return WORKING_SLOTS * (-(-largest * 4 // 4096) * 4096)
+
+
 def cpu_memory(w: Workload, plan: Plan) -> MemoryNeed:
     """Peak host bytes of `plan`: the ring and working buffers, caches, swapped activations, grad log."""
     policies = {u: plan.policy(u) for u in w.blocks()}
@@ -401,7 +408,7 @@ def cpu_memory(w: Workload, plan: Plan) -> MemoryNeed:
     return MemoryNeed(
         {
             "ring": plan.num_slots * plan.slot_bytes,
-            "working buffers": WORKING_SLOTS * plan.slot_bytes,
+            "working buffers": working_bytes(w.spec),
             "cached params": _numel(w, plan.cpu_cached_params) * w.param_bytes,
             "cached optimizer state": _numel(w, plan.cpu_cached_state) * STATE_BYTES,
             "gradient log": w.numel * GRAD_BYTES if plan.grad_log_tier == "cpu" else 0,

@@ -268,6 +268,7 @@ def run_step(
         pool_size=plan.optimizer_actors,
         commit_meta={"fingerprint": model_fingerprint(cfg, plan), "lr": lr, "data_step": step + 1},
         lent_state=frozenset(plan.cpu_cached_state),
+        state_range=plan.optimizer_range,
     )
     key = step_key(inputs)
     resume = supervisor.resume_point(step, key)

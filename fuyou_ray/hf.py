@@ -36,6 +36,7 @@ from fuyou_ray.config import (
     format_size,
     save_config,
 )
+from fuyou_ray.costmodel import working_bytes
 from fuyou_ray.driver import model_fingerprint
 from fuyou_ray.errors import BudgetError, RunStateError
 from fuyou_ray.inspect import load_run_config
@@ -48,7 +49,7 @@ from fuyou_ray.models.hf_adapters import (
     adapter_for,
     adapter_for_model,
 )
-from fuyou_ray.plan import WORKING_SLOTS, Plan, check_ssd_space, estimate_device_bytes, make_plan
+from fuyou_ray.plan import Plan, check_ssd_space, estimate_device_bytes, make_plan
 from fuyou_ray.records import RecordKind, record_name
 from fuyou_ray.ring import DTYPES
 from fuyou_ray.safetensors_io import (
@@ -168,7 +169,7 @@ def _fitting_budgets(cfg: RunConfig) -> BudgetConfig:
     """Budgets that hold the model with the default batch, for an import given no config of its own."""
     spec = ModelSpec(cfg.model)
     slot = align_up(max(u.numel for u in spec.units) * 4)
-    cpu = max(cfg.budgets.cpu_mem, (MIN_SLOTS + WORKING_SLOTS + 3) * slot)
+    cpu = max(cfg.budgets.cpu_mem, (MIN_SLOTS + 3) * slot + working_bytes(spec))
     gpu = max(cfg.budgets.gpu_mem, int(estimate_device_bytes(cfg, spec, 2) * 1.25))
     return BudgetConfig(gpu_mem=Size(gpu), cpu_mem=Size(cpu))
 

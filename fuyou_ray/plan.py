@@ -25,16 +25,25 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from fuyou_ray.config import RunConfig, format_size
-from fuyou_ray.costmodel import POLICIES, WORKING_SLOTS, MemoryNeed, Workload, cpu_memory, gpu_memory
+from fuyou_ray.costmodel import (
+    POLICIES,
+    MemoryNeed,
+    Workload,
+    cpu_memory,
+    gpu_memory,
+    working_bytes,
+)
 from fuyou_ray.errors import BudgetError
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.schedule import MIN_SLOTS
-from fuyou_ray.store import align_up
+from fuyou_ray.store import CHUNK_BYTES, align_up
 
 if TYPE_CHECKING:
     from fuyou_ray.profile import HardwareProfile
     from fuyou_ray.simulate import Prediction
 
+# Optimizer ranges start on the store's checksum chunks (fp32 state), where ranged I/O may cut a record.
+RANGE_ALIGN = CHUNK_BYTES // 4
 MAX_USEFUL_SLOTS = 24  # beyond this the ring only adds prefetch the pipeline cannot use yet
 TIE_RESOLUTION = 1e-3  # predicted steps closer than this are equal to the planner
 OVERLAPS = ("backward", "after_backward", "next_forward")
@@ -52,7 +61,12 @@ class Plan:
 
     device              "cuda" or "cpu" (the CPU fallback runs the same code on host memory)
     param_dtype         dtype of the params P streamed to the device ("bfloat16" on CUDA, else "float32")
-    slot_bytes          bytes of one ring slot: the largest unit's fp32 record, 4 KiB-aligned
+    slot_bytes          bytes of one ring slot: the largest unit's fp32 record, 4 KiB-aligned; with
+                        optimizer ranges, the largest unit's params or one fp32 range, whichever is larger
+    optimizer_range     elements per optimizer range (0 = whole units): a unit with more is updated range
+                        by range (its gradient, master weights and moments pass through the ring one range
+                        at a time), so a slot need not hold a whole unit's fp32 state. Chosen when cpu_mem
+                        cannot hold MIN_SLOTS whole-unit slots (or set: runtime.optimizer_range)
     num_slots           ring slots in /dev/shm (>= MIN_SLOTS); more slots let SSD reads run further ahead
     optimizer_actors    CPU optimizer actors; each unit's AdamW is split into this many element ranges
     optimizer_threads   torch threads of each optimizer actor
@@ -116,6 +130,7 @@ class Plan:
     device_bytes_needed: int
     ring_bytes: int
     ssd_bytes_needed: int
+    optimizer_range: int = 0
     # ---- chosen by the automatic planner; the defaults are what the pipeline does today ----
     micro_batch: int = 0
     prefetch_depth: int = 0
@@ -219,24 +234,49 @@ def ssd_bytes_needed(spec: ModelSpec, param_bytes: int, clipping: bool) -> int:
     return state + params + in_flight + grad_log
 
 
+def ring_geometry(
+    spec: ModelSpec, param_bytes: int, cpu_mem: int, configured_range: int = 0
+) -> tuple[int, int]:
+    """(ring slot bytes, optimizer range in elements, 0 = whole units) for a model whose params stream in
+    `param_bytes`-wide elements. Whole units when MIN_SLOTS slots of the largest unit's fp32 record (plus
+    the working buffers) fit `cpu_mem`; else ranges that fill a slot sized for the largest unit's params
+    (half the fp32 record in bf16; in fp32 ranges save nothing). `configured_range` (runtime.
+    optimizer_range) overrides the choice. Ranges are multiples of RANGE_ALIGN elements."""
+    largest = max(u.numel for u in spec.units)
+    whole = align_up(largest * 4)
+    if configured_range > 0:
+        elements = -(-configured_range // RANGE_ALIGN) * RANGE_ALIGN
+    elif MIN_SLOTS * whole + working_bytes(spec) <= cpu_mem:
+        elements = 0
+    else:
+        elements = largest * param_bytes // 4 // RANGE_ALIGN * RANGE_ALIGN
+    if elements <= 0 or elements >= largest:
+        return whole, 0
+    return max(align_up(largest * param_bytes), align_up(elements * 4)), elements
+
+
 def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> Plan:
     device = resolve_device(cfg.runtime.device)
     param_dtype = "bfloat16" if device == "cuda" else "float32"
     dtype_bytes = 2 if param_dtype == "bfloat16" else 4
     largest = max(spec.units, key=lambda u: u.numel)
-    slot_bytes = align_up(largest.numel * 4)
+    slot_bytes, state_range = ring_geometry(
+        spec, dtype_bytes, cfg.budgets.cpu_mem, cfg.runtime.optimizer_range
+    )
 
-    # Besides the ring, a process may hold WORKING_SLOTS slot-sized buffers (staging, temporaries).
-    min_cpu = (MIN_SLOTS + WORKING_SLOTS) * slot_bytes
+    # Besides the ring, the SSD actor holds working buffers of a whole unit's fp32 size (initialization).
+    working = working_bytes(spec)
+    min_cpu = MIN_SLOTS * slot_bytes + working
     if cfg.budgets.cpu_mem < min_cpu:
+        ranges = f" (optimizer ranges of {state_range:,} elements)" if state_range else ""
         raise BudgetError(
             f"budgets.cpu_mem = {format_size(cfg.budgets.cpu_mem)} is too small for one layer: "
             "the largest unit "
-            f"({largest.name}, {largest.numel:,} params) needs {MIN_SLOTS} ring slots plus {WORKING_SLOTS} "
-            f"working buffers of {format_size(slot_bytes)} = {format_size(min_cpu)}; raise budgets.cpu_mem "
-            "to at least that"
+            f"({largest.name}, {largest.numel:,} params) needs {MIN_SLOTS} ring slots of "
+            f"{format_size(slot_bytes)}{ranges} plus {format_size(working)} of working buffers = "
+            f"{format_size(min_cpu)}; raise budgets.cpu_mem to at least that"
         )
-    num_slots = int(min(cfg.budgets.cpu_mem // slot_bytes - WORKING_SLOTS, MAX_USEFUL_SLOTS))
+    num_slots = int(min((cfg.budgets.cpu_mem - working) // slot_bytes, MAX_USEFUL_SLOTS))
 
     device_bytes = estimate_device_bytes(cfg, spec, dtype_bytes)
     if device_bytes > cfg.budgets.gpu_mem:
@@ -262,9 +302,10 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
         device_bytes_needed=device_bytes,
         ring_bytes=num_slots * slot_bytes,
         ssd_bytes_needed=ssd_needed,
+        optimizer_range=state_range,
         micro_batch=cfg.batch.micro_batch,
         ssd_queue_depth=cfg.ssd.io_threads,
-        cpu_bytes_needed=(num_slots + WORKING_SLOTS) * slot_bytes,
+        cpu_bytes_needed=num_slots * slot_bytes + working,
     )
     if cfg.runtime.cpu_cache == "auto":
         plan = fill_cache(plan, spec, cfg.budgets.cpu_mem, write_through=cfg.runtime.cache_write_through)
@@ -312,7 +353,8 @@ def fill_cache(plan: Plan, spec: ModelSpec, cpu_mem: int, *, write_through: bool
         trial = replace(current, cpu_cached_state=tuple(sorted((*current.cpu_cached_state, u))))
         if fits(trial):
             current = trial
-    if plan.exact_clipping:
+    # The cache moves records whole; a gradient log written range by range stays on SSD.
+    if plan.exact_clipping and not plan.optimizer_range:
         trial = replace(current, grad_log="cpu")
         if fits(trial):
             current = trial
@@ -425,7 +467,7 @@ def base_plan(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> Plan
     device = profile.gpu.device
     param_dtype = "bfloat16" if device == "cuda" else "float32"
     pb = 2 if device == "cuda" else 4
-    slot_bytes = align_up(max(u.numel for u in spec.units) * 4)
+    slot_bytes, state_range = ring_geometry(spec, pb, cfg.budgets.cpu_mem, cfg.runtime.optimizer_range)
     actors, threads = _pool(cfg, profile)
     depths = sorted({r.queue_depth for r in profile.ssd.rates})
     # The queue depth with the best read + write bandwidth (the smallest such: fewer threads).
@@ -441,6 +483,7 @@ def base_plan(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> Plan
         device_bytes_needed=0,
         ring_bytes=MIN_SLOTS * slot_bytes,
         ssd_bytes_needed=ssd_bytes_needed(spec, pb, cfg.optimizer.max_grad_norm > 0),
+        optimizer_range=state_range,
         micro_batch=cfg.batch.micro_batch,
         ssd_queue_depth=qd,
         profile_name=profile.name,
@@ -605,7 +648,7 @@ def auto_plan(
     slots_fit = [
         n
         for n in sorted({MIN_SLOTS, *options.ring_slots})
-        if (n + WORKING_SLOTS) * base.slot_bytes <= cfg.budgets.cpu_mem
+        if n * base.slot_bytes + working_bytes(spec) <= cfg.budgets.cpu_mem
     ]
     if not slots_fit:
         _refuse_cpu(cfg, spec, base)

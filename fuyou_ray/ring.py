@@ -64,12 +64,22 @@ class SlotHandle:
     dtype: str = "uint8"
     numel: int = 0
     version: int = -1
+    first: int = 0  # the element of the record the slot starts with (a range of a larger record)
 
-    def carrying(self, tensor: str, dtype: str, numel: int, version: int) -> SlotHandle:
+    def carrying(self, tensor: str, dtype: str, numel: int, version: int, first: int = 0) -> SlotHandle:
         nbytes = numel * DTYPES[dtype].itemsize
         if align_up(nbytes) > self.capacity:
             raise RingError(f"{tensor}: {nbytes} B does not fit a {self.capacity} B ring slot")
-        return replace(self, tensor=tensor, dtype=dtype, numel=numel, version=version)
+        return replace(self, tensor=tensor, dtype=dtype, numel=numel, version=version, first=first)
+
+    def elements(self, lo: int, hi: int) -> slice:
+        """Where record elements [lo, hi) sit in this slot (which must hold them)."""
+        if not self.first <= lo <= hi <= self.first + self.numel:
+            raise RingError(
+                f"{self.tensor}: elements [{lo}, {hi}) are not in this slot, which holds "
+                f"[{self.first}, {self.first + self.numel})"
+            )
+        return slice(lo - self.first, hi - self.first)
 
     @property
     def nbytes(self) -> int:

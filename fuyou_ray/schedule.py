@@ -27,7 +27,7 @@ The step, with L units (embedding, blocks, head):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,11 @@ class StepSchedule:
 
 
 class _Slots:
-    """Round-robin slot assignment that records, per slot, the ops that must finish before reuse."""
+    """Round-robin slot assignment that records, per slot, the ops that must finish before reuse.
+
+    A slot is held from `take` until its consumers are known (`consumed_by`); the round robin passes over
+    held slots. (A unit updated range by range holds its new params' slot across all its ranges.)
+    """
 
     def __init__(self, ring: RingSpec) -> None:
         if ring.num_slots < MIN_SLOTS:
@@ -87,13 +91,21 @@ class _Slots:
         self.ring = ring
         self.next = 0
         self.fences: dict[int, list[int]] = {}
+        self.held: set[int] = set()
 
     def take(self) -> tuple[SlotHandle, list[int]]:
-        index = self.next
-        self.next = (self.next + 1) % self.ring.num_slots
-        return self.ring.slot(index), self.fences.pop(index, [])
+        for _ in range(self.ring.num_slots):
+            index = self.next
+            self.next = (self.next + 1) % self.ring.num_slots
+            if index not in self.held:
+                self.held.add(index)
+                return self.ring.slot(index), self.fences.pop(index, [])
+        raise ValueError(
+            f"every one of the ring's {self.ring.num_slots} slots is held: the schedule needs more"
+        )
 
     def consumed_by(self, slot: SlotHandle, ops: Sequence[int]) -> None:
+        self.held.discard(slot.slot)
         self.fences.setdefault(slot.slot, []).extend(ops)
 
 
@@ -116,6 +128,17 @@ class StepInputs:
     # updates the cache's files directly (ssd.lend / ssd.adopt) instead of through ring slots.
     lent_state: frozenset[int] = frozenset()
     step_key: str = ""  # identifies the step's inputs; every unit of one step is published with it
+    # Elements per optimizer range (the plan's optimizer_range): a unit with more is updated range by
+    # range - gradient, master weights and moments pass through ring slots one range at a time, so the
+    # slots need not hold a whole unit's fp32 state. 0 = whole units.
+    state_range: int = 0
+
+
+def state_ranges(numel: int, state_range: int) -> list[tuple[int, int]]:
+    """The element ranges a unit of `numel` elements is updated in (one: the whole unit)."""
+    if state_range <= 0 or numel <= state_range:
+        return [(0, numel)]
+    return [(lo, min(lo + state_range, numel)) for lo in range(0, numel, state_range)]
 
 
 def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
@@ -126,7 +149,7 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
     clipping = s.max_grad_norm > 0
     start = sched.add("gpu", "start_step", s.inputs, s.targets, s.micro_batch, phase="forward")
     writes: list[int] = []
-    grads: dict[int, int] = {}  # unit -> op whose result is the handle of G_u in the ring
+    logged: dict[int, list[int]] = {}  # unit -> the writes of its gradient log (clipping)
     emits: list[int] = []  # every emit_grad: after the last one, the GPU knows the global norm
 
     def read(unit: int, kind: RecordKind, phase: str, after: Sequence[int] = ()) -> tuple[int, SlotHandle]:
@@ -144,22 +167,15 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         )
         return op, slot
 
-    def write(
-        ref: int, slot: SlotHandle, unit: int, transient: bool, after: Sequence[int], nbytes: int
-    ) -> int:
-        op = sched.add(
-            "ssd",
-            "write",
-            Ref(ref),
-            version,
-            transient,
-            after=after,
-            phase="optimizer",
-            unit=unit,
-            nbytes=nbytes,
+    def emit_range(u: int, lo: int, hi: int) -> tuple[int, SlotHandle]:
+        """D2H of elements [lo, hi) of G_u into a slot."""
+        g_slot, fence = slots.take()
+        g_slot = g_slot.carrying(record_name(u, RecordKind.GRAD), "float32", hi - lo, version, first=lo)
+        e = sched.add(
+            "gpu", "emit_grad", u, g_slot, after=fence, phase="backward", unit=u, nbytes=g_slot.nbytes
         )
-        slots.consumed_by(slot, [op])
-        return op
+        emits.append(e)
+        return e, g_slot
 
     # 1. forward through every unit but the head
     for u in range(last):
@@ -170,20 +186,20 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
     # 2-3. head (forward + backward), then backward of the rest, in reverse. Unit u's gradient leaves the
     # device (emit_grad) only after unit u-1's backward was issued, so its D2H overlaps that compute.
     def emit(u: int) -> None:
-        g_slot, fence = slots.take()
-        g_slot = g_slot.carrying(record_name(u, RecordKind.GRAD), "float32", spec.units[u].numel, version)
-        e = sched.add(
-            "gpu", "emit_grad", u, g_slot, after=fence, phase="backward", unit=u, nbytes=g_slot.nbytes
-        )
-        emits.append(e)
-        if u in s.done_units:  # a replay: the unit is already updated, its gradient is not needed
-            slots.consumed_by(g_slot, [e])
-        elif clipping:
-            writes.append(write(e, g_slot, u, True, [], spec.units[u].numel * 4))
-            grads[u] = writes[-1]
+        numel = spec.units[u].numel
+        if u in s.done_units or clipping:
+            # A replay's done unit only lets go of its gradient; with clipping the gradient is logged.
+            for lo, hi in state_ranges(numel, s.state_range):
+                e, g_slot = emit_range(u, lo, hi)
+                if u in s.done_units:
+                    slots.consumed_by(g_slot, [e])
+                else:
+                    logged.setdefault(u, []).append(
+                        _write(sched, slots, Ref(e), g_slot, u, version, numel, transient=True, after=[])
+                    )
+            writes.extend(logged.get(u, []))
         else:
-            grads[u] = e
-            _optimizer(sched, slots, spec, s, u, Ref(e), g_slot, 1.0, read, write, writes)
+            _optimizer(sched, slots, spec, s, u, lambda lo, hi: emit_range(u, lo, hi), 1.0, read, writes)
 
     for u in range(last, -1, -1):
         r, p_slot = read(u, RecordKind.PARAM, "backward")
@@ -199,8 +215,14 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
     if clipping:
         coef = sched.add("gpu", "clip_coefficient", s.max_grad_norm, after=emits, phase="optimizer")
         for u in (u for u in range(last, -1, -1) if u not in s.done_units):
-            g_read, g_slot = read(u, RecordKind.GRAD, "optimizer", after=[grads[u]])
-            _optimizer(sched, slots, spec, s, u, Ref(g_read), g_slot, Ref(coef), read, write, writes)
+
+            def read_log(lo: int, hi: int, u: int = u) -> tuple[int, SlotHandle]:
+                # A range of the log is readable once the whole log record is staged (its last range).
+                if (lo, hi) == (0, spec.units[u].numel):
+                    return read(u, RecordKind.GRAD, "optimizer", after=logged[u])
+                return _read_range(sched, slots, u, RecordKind.GRAD, lo, hi, after=logged[u])
+
+            _optimizer(sched, slots, spec, s, u, read_log, Ref(coef), read, writes)
 
     # 5. commit after every write
     sched.summary = sched.add("gpu", "step_summary", after=[start], phase="commit")
@@ -217,73 +239,159 @@ def _optimizer(
     spec: ModelSpec,
     s: StepInputs,
     u: int,
-    grad: Ref,
-    g_slot: SlotHandle,
+    grad_range: Callable[[int, int], tuple[int, SlotHandle]],
     grad_scale: float | Ref,
     read: Any,
-    write: Any,
     writes: list[int],
 ) -> None:
+    """Unit u's update: AdamW over the pool, range by range (`state_ranges`; one range = the whole unit),
+    the new P into one slot; then every record's new version is written and the unit is published.
+    `grad_range(lo, hi)` adds the op that puts G_u[lo:hi] into a slot, and returns it and the slot."""
     unit = spec.units[u]
-    lent = u in s.lent_state
-    state: dict[RecordKind, tuple[int, SlotHandle | None]] = {}
-    for kind in (RecordKind.MASTER, RecordKind.EXP_AVG, RecordKind.EXP_AVG_SQ):
-        if lent:  # the optimizer updates a copy in the host cache's files: no ring slot
-            op = sched.add(
-                "ssd",
-                "lend",
-                record_name(u, kind),
-                s.step + 1,
-                phase="optimizer",
-                unit=u,
-                nbytes=unit.numel * 4,
+    version = s.step + 1
+    ranges = state_ranges(unit.numel, s.state_range)
+    whole = len(ranges) == 1
+    state_kinds = (RecordKind.MASTER, RecordKind.EXP_AVG, RecordKind.EXP_AVG_SQ)
+    lent: dict[RecordKind, int] = {}
+    if u in s.lent_state:  # the optimizer updates a copy in the host cache's files: no ring slot
+        for kind in state_kinds:
+            lent[kind] = sched.add(
+                "ssd", "lend", record_name(u, kind), version, phase="optimizer", unit=u, nbytes=unit.numel * 4
             )
-            state[kind] = (op, None)
-        else:
-            state[kind] = read(u, kind, "optimizer")
-    p_slot, fence = slots.take()
-    p_out = p_slot.carrying(record_name(u, RecordKind.PARAM), s.param_dtype, unit.numel, s.step + 1)
-    deps = [op for op, _ in state.values()] + [grad.op, *fence]
-    if isinstance(grad_scale, Ref):
-        deps.append(grad_scale.op)
-    updates = []
-    for k, (lo, hi) in enumerate(shard_ranges(unit.numel, s.pool_size)):
-        updates.append(
+    p_out: SlotHandle | None = None
+    p_fence: list[int] = []
+
+    def take_params_slot() -> tuple[SlotHandle, list[int]]:
+        slot, fence = slots.take()
+        return slot.carrying(record_name(u, RecordKind.PARAM), s.param_dtype, unit.numel, version), fence
+
+    if not whole:  # held across the ranges, each of which fills its part
+        p_out, p_fence = take_params_slot()
+    all_updates: list[int] = []
+    unit_writes: list[int] = []
+    for lo, hi in ranges:
+        g_op, g_slot = grad_range(lo, hi)
+        state: dict[RecordKind, tuple[int, SlotHandle | None]] = {}
+        for kind in state_kinds:
+            if kind in lent:
+                state[kind] = (lent[kind], None)
+            elif whole:
+                state[kind] = read(u, kind, "optimizer")
+            else:
+                state[kind] = _read_range(sched, slots, u, kind, lo, hi, after=[])
+        if p_out is None:
+            p_out, p_fence = take_params_slot()
+        deps = [op for op, _ in state.values()] + [g_op, *p_fence]
+        if isinstance(grad_scale, Ref):
+            deps.append(grad_scale.op)
+        updates = [
             sched.add(
                 f"opt{k}",
                 "update",
                 Ref(state[RecordKind.MASTER][0]),
-                grad,
+                Ref(g_op),
                 Ref(state[RecordKind.EXP_AVG][0]),
                 Ref(state[RecordKind.EXP_AVG_SQ][0]),
                 p_out,
-                lo,
-                hi,
+                a,
+                b,
                 unit.layout.decay_numel,
                 s.hp,
                 grad_scale,
                 after=deps,
                 phase="optimizer",
                 unit=u,
-                nbytes=hi - lo,
+                nbytes=b - a,
             )
+            for k, (a, b) in enumerate(_split(lo, hi, s.pool_size))
+        ]
+        slots.consumed_by(g_slot, updates)
+        for op, slot in state.values():
+            if slot is not None:
+                unit_writes.append(
+                    _write(
+                        sched, slots, Ref(op), slot, u, version, unit.numel, transient=False, after=updates
+                    )
+                )
+        all_updates += updates
+    unit_writes += [
+        sched.add(
+            "ssd", "adopt", Ref(op), after=all_updates, phase="optimizer", unit=u, nbytes=unit.numel * 4
         )
-    slots.consumed_by(g_slot, updates)
-    unit_writes = [
-        write(op, slot, u, False, updates, unit.numel * 4)
-        if slot is not None
-        else sched.add(
-            "ssd", "adopt", Ref(op), after=updates, phase="optimizer", unit=u, nbytes=unit.numel * 4
-        )
-        for op, slot in state.values()
+        for op in lent.values()
     ]
+    if p_out is None:
+        raise ValueError(f"unit {u} has no elements to update")
     p_bytes = unit.numel * _itemsize(s.param_dtype)
-    unit_writes.append(_write_new_params(sched, slots, p_out, u, s.step + 1, updates, p_bytes))
+    unit_writes.append(_write_new_params(sched, slots, p_out, u, version, all_updates, p_bytes))
     # The unit's update becomes durable as a whole once its four records are written (crash consistency
     # without a second copy of the state: see store.py).
     writes.append(
-        sched.add("ssd", "publish", u, s.step + 1, s.step_key, after=unit_writes, phase="commit", unit=u)
+        sched.add("ssd", "publish", u, version, s.step_key, after=unit_writes, phase="commit", unit=u)
     )
+
+
+def _split(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
+    """Elements [lo, hi) split over the optimizer pool."""
+    return [(lo + a, lo + b) for a, b in shard_ranges(hi - lo, parts)]
+
+
+def _read_range(
+    sched: StepSchedule, slots: _Slots, u: int, kind: RecordKind, lo: int, hi: int, after: Sequence[int]
+) -> tuple[int, SlotHandle]:
+    slot, fence = slots.take()
+    op = sched.add(
+        "ssd",
+        "read_range",
+        record_name(u, kind),
+        slot,
+        lo,
+        hi,
+        after=[*fence, *after],
+        phase="optimizer",
+        unit=u,
+        nbytes=(hi - lo) * 4,
+    )
+    return op, slot
+
+
+def _write(
+    sched: StepSchedule,
+    slots: _Slots,
+    src: Ref,
+    slot: SlotHandle,
+    u: int,
+    version: int,
+    numel: int,
+    transient: bool,
+    after: Sequence[int],
+) -> int:
+    """Write the fp32 record (or range of it) that op `src` left in `slot` as version `version`."""
+    phase = "optimizer"
+    producer = sched.ops[src.op]
+    ranged = producer.method == "read_range" or (
+        producer.method == "emit_grad" and (slot.first, slot.numel) not in ((0, numel), (0, 0))
+    )
+    nbytes = producer.nbytes if producer.method == "read_range" else slot.nbytes if ranged else numel * 4
+    if ranged:
+        op = sched.add(
+            "ssd",
+            "write_range",
+            src,
+            version,
+            transient,
+            numel,
+            after=after,
+            phase=phase,
+            unit=u,
+            nbytes=nbytes,
+        )
+    else:
+        op = sched.add(
+            "ssd", "write", src, version, transient, after=after, phase=phase, unit=u, nbytes=nbytes
+        )
+    slots.consumed_by(slot, [op])
+    return op
 
 
 def _write_new_params(

@@ -128,9 +128,9 @@ def op_stages(op: Op, env: SimEnv, memo: dict[tuple[int, str], float] | None = N
     elif op.actor in ("h2d", "d2h"):
         stages.append(Stage(op.actor, op.nbytes))
     elif op.actor == "ssd":
-        if method == "read":
+        if method in ("read", "read_range"):
             stages.append(Stage("ssd_read", op.nbytes))
-        elif method == "write":
+        elif method in ("write", "write_range"):
             stages.append(Stage("ssd_write", op.nbytes))
         elif method == "cache_read":
             stages.append(Stage("cache_read", op.nbytes))
@@ -383,6 +383,7 @@ def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
         pool_size=plan.optimizer_actors,
         commit_meta={},
         lent_state=frozenset(plan.cpu_cached_state),
+        state_range=plan.optimizer_range,
     )
     sched = host_cache_ops(build_step(w.spec, ring, inputs), plan, ring, w.num_units)
     return _device_streams(sched, w) if device == "cuda" else sched

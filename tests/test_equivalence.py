@@ -10,8 +10,11 @@ import torch
 from fuyou_ray.config import RunConfig
 from fuyou_ray.driver import train
 from fuyou_ray.inspect import load_unit_tensors
+from fuyou_ray.models import ModelSpec
+from fuyou_ray.plan import RANGE_ALIGN
 from fuyou_ray.records import RecordKind
 from fuyou_ray.reference import train_reference
+from fuyou_ray.schedule import state_ranges
 from tests.conftest import tiny_config
 
 TOL = 1e-6
@@ -64,4 +67,46 @@ def test_ray_actors_match_reference(tmp_path: Path, ray_cluster: object) -> None
     )
     result = train(cfg, executor="ray")
     assert any(s.grad_norm > 0.5 for s in result.steps)
+    assert_matches_reference(cfg, [s.loss for s in result.steps])
+
+
+# A unit of 2.4 M elements (d_model 448) updated in optimizer ranges of RANGE_ALIGN (1 Mi) elements: three
+# ranges, the last one short. Gradient, master weights and moments go through the ring range by range.
+RANGED_MODEL = {"vocab_size": 256, "n_layer": 1, "n_head": 4, "d_model": 448, "max_seq_len": 16}
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0], ids=["clip", "noclip"])
+def test_optimizer_ranges_match_reference(tmp_path: Path, max_grad_norm: float) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        model=RANGED_MODEL,
+        batch={"global_batch": 4, "micro_batch": 2, "seq_len": 16},
+        budgets={"gpu_mem": "1GiB", "cpu_mem": "160MiB"},
+        optimizer={"max_grad_norm": max_grad_norm},
+        runtime={"optimizer_range": 1},
+        steps=3,
+    )
+    result = train(cfg, executor="local")
+    assert result.plan.optimizer_range == RANGE_ALIGN
+    spec = ModelSpec(cfg.model)
+    assert max(len(state_ranges(u.numel, RANGE_ALIGN)) for u in spec.units) == 3
+    if max_grad_norm > 0:
+        assert any(s.grad_norm > max_grad_norm for s in result.steps)
+    assert_matches_reference(cfg, [s.loss for s in result.steps])
+
+
+@pytest.mark.slow
+def test_optimizer_ranges_through_ray_actors_match_reference(tmp_path: Path, ray_cluster: object) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        model=RANGED_MODEL,
+        batch={"global_batch": 4, "micro_batch": 2, "seq_len": 16},
+        budgets={"gpu_mem": "1GiB", "cpu_mem": "160MiB"},
+        optimizer={"max_grad_norm": 0.5},
+        ssd={"paths": [str(tmp_path / "ssd0"), str(tmp_path / "ssd1")]},
+        runtime={"optimizer_range": 1},
+        steps=3,
+    )
+    result = train(cfg, executor="ray")
+    assert result.plan.optimizer_range == RANGE_ALIGN
     assert_matches_reference(cfg, [s.loss for s in result.steps])

@@ -96,6 +96,13 @@ def plan_job(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> J
     for rank in range(world):
         pcfg = pipeline_config(cfg, rank)
         plan = make_plan(pcfg, spec, cpu_count=cpus)
+        if plan.optimizer_range:
+            raise BudgetError(
+                f"data parallelism updates whole optimizer shards, but budgets.cpu_mem = "
+                f"{format_size(pcfg.budgets.cpu_mem)} per pipeline only fits ring slots of optimizer ranges "
+                f"({plan.optimizer_range:,} elements): raise budgets.cpu_mem, or run with "
+                "runtime.data_parallel 1 (a single pipeline updates in ranges)"
+            )
         pb = 2 if plan.param_dtype == "bfloat16" else 4
         need = geometry.state_bytes(rank, pb) + geometry.scratch_bytes(rank, pb, plan.exact_clipping)
         pipelines.append(PipelineSetup(rank, world, pcfg, dataclasses.replace(plan, ssd_bytes_needed=need)))
