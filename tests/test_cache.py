@@ -30,10 +30,11 @@ import yaml
 from fuyou_ray import durable
 from fuyou_ray.cache import CacheArea, CachedStore, CacheError, CacheSpec, HostCache
 from fuyou_ray.config import ConfigError, RunConfig, Size, config_from_dict
+from fuyou_ray.costmodel import working_bytes
 from fuyou_ray.driver import train
 from fuyou_ray.inspect import load_unit_tensors
 from fuyou_ray.models import ModelSpec
-from fuyou_ray.plan import WORKING_SLOTS, Plan, cache_bytes, make_plan
+from fuyou_ray.plan import Plan, cache_bytes, make_plan
 from fuyou_ray.records import RecordKind, record_name
 from fuyou_ray.ring import SHM_DIR
 from fuyou_ray.store import MANIFEST, STORE_DIR, RecordInMemoryError, SSDTensorStore, align_up
@@ -67,7 +68,7 @@ def test_plan_caches_state_then_the_gradient_log_then_params(tmp_path: Path) -> 
     spec = ModelSpec(cfg.model)
     off = make_plan(with_runtime(cfg, cpu_cache="off"), spec)
     assert (off.cpu_cached_state, off.cpu_cached_params, off.grad_log_tier) == ((), (), "ssd")
-    floor = (off.num_slots + WORKING_SLOTS) * off.slot_bytes
+    floor = off.num_slots * off.slot_bytes + working_bytes(spec)
     assert off.cpu_bytes_needed == floor
     units = tuple(range(spec.num_units))
     state = cache_bytes(spec, dataclasses.replace(off, cpu_cached_state=units))

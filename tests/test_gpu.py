@@ -41,15 +41,25 @@ def gpu_config(tmp: Path, **sections: object):  # type: ignore[no-untyped-def]
     return tiny_config(tmp, **base)
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
+@pytest.mark.parametrize(
+    ("executor", "ranges"),
+    [("local", False), ("ray", False), ("local", True)],
+    ids=["local", "ray", "ranges"],
+)
 def test_bf16_gpu_matches_mixed_precision_reference(
-    tmp_path: Path, executor: str, request: pytest.FixtureRequest
+    tmp_path: Path, executor: str, ranges: bool, request: pytest.FixtureRequest
 ) -> None:
+    """Against plain mixed-precision training; `ranges`: blocks of 2.4 M params updated in optimizer ranges
+    of 1 Mi elements (the gradient leaves the device range by range)."""
     if executor == "ray":
         request.getfixturevalue("ray_cluster")
-    cfg = gpu_config(tmp_path)
+    extra: dict[str, object] = {}
+    if ranges:
+        extra = {"model": {"d_model": 448}, "runtime": {"optimizer_range": 1}}
+    cfg = gpu_config(tmp_path, **extra)
     result = train(cfg, executor=executor)
     assert result.plan.param_dtype == "bfloat16" and result.plan.device == "cuda"
+    assert (result.plan.optimizer_range > 0) == ranges
     ref = train_reference_mixed(cfg, cfg.steps)
     ours = [s.loss for s in result.steps]
     loss_rel = max(abs(a - b) / abs(b) for a, b in zip(ours, ref.losses, strict=True))
