@@ -40,7 +40,7 @@ class CPUOptimizerActor:
     def update(
         self,
         master: SlotHandle | LentRecord,
-        grad: SlotHandle,
+        grad: SlotHandle | LentRecord,
         exp_avg: SlotHandle | LentRecord,
         exp_avg_sq: SlotHandle | LentRecord,
         params: SlotHandle,
@@ -59,18 +59,28 @@ class CPUOptimizerActor:
 
         The state comes either in ring slots (updated in place) or as records the host cache lent
         (`LentRecord`: the new version's file, a copy of the version the step reads, updated in place).
+        The gradient comes in a slot or, when the host cache holds the step's gradient log, as the log's
+        cache file, read in place (`CachedStore.view`).
         """
         # A slot may hold a range of its record (`first`): a unit too large for one slot is updated range
         # by range; the params slot always holds the whole unit.
-        g, p = (self.ring.tensor(h)[h.elements(lo, hi)] for h in (grad, params))
+        label = master.name if isinstance(master, LentRecord) else master.tensor
+        grad_label = grad.name if isinstance(grad, LentRecord) else grad.tensor
+        lent = [h for h in (master, grad) if isinstance(h, LentRecord)]
+        if lent:
+            self.lent.forget_missing(lent[0].prefix)
+        p = self.ring.tensor(params)[params.elements(lo, hi)]
+        if isinstance(grad, LentRecord):  # the gradient log, read in place in the host cache
+            g = self.lent.view(grad, lo, hi)
+        else:
+            g = self.ring.tensor(grad)[grad.elements(lo, hi)]
         finite = math.isfinite(grad_scale) and grad_scale > 0
         if finite and grad_scale == 1.0:
             finite = bool(torch.isfinite(g.sum()))
         if not finite:
             raise NonFiniteStepError(
-                f"{grad.tensor}: non-finite gradient (clip coefficient {grad_scale}); unit not updated"
+                f"{grad_label}: non-finite gradient (clip coefficient {grad_scale}); unit not updated"
             )
-        label = master.name if isinstance(master, LentRecord) else master.tensor
         with self.timeline.span("cpu adam", label, (hi - lo) * 4):
             if (
                 isinstance(master, SlotHandle)
@@ -83,7 +93,6 @@ class CPUOptimizerActor:
                 and isinstance(exp_avg, LentRecord)
                 and isinstance(exp_avg_sq, LentRecord)
             ):
-                self.lent.forget_missing(master.prefix)
                 w, m, v = (self.lent.view(h, lo, hi) for h in (master, exp_avg, exp_avg_sq))
             else:
                 raise TypeError("update: master, exp_avg and exp_avg_sq must all be slots or all lent")

@@ -156,6 +156,11 @@ class SSDIOActor:
             self.timeline.add(Span("cache write", name, start, time.time(), nbytes))
         return lent
 
+    def view(self, name: str, *after: object) -> LentRecord:
+        """Cached record `name` (the step's gradient log) lent to be read in place (CachedStore.view)."""
+        with self._io():
+            return self.store.view(name)
+
     def adopt(self, lent: LentRecord, *after: object) -> int:
         """Stage the version the optimizer wrote into a lent record's file (no copy). Returns the bytes
         written to SSD: 0, unless the store is write-through (then timed as an SSD write)."""

@@ -116,7 +116,9 @@ class LentRecord:
     step reads; the optimizer updates it in place through its own mapping (`LentViews`), and the SSD
     actor's `adopt` makes it that version. Instead of a copy into a ring slot and one back into a new
     cache file, one copy within the cache, made while the GPU still computes: the optimizer phase then
-    ends with the update, not with the writes."""
+    ends with the update, not with the writes. `CachedStore.view` lends a record to read only (the
+    step's gradient log): `target` is then the cached file of the version the step reads, `version` its
+    version, and nothing is adopted."""
 
     name: str
     dtype: str
@@ -735,6 +737,18 @@ class CachedStore:
                 f"{name} is held by the host cache, which moves records whole: ranged I/O is for records "
                 "on SSD (a plan that caches a unit's state does not update it in element ranges)"
             )
+
+    def view(self, name: str) -> LentRecord:
+        """The cache file of the version a step reads of `name`, for another process to read in place (the
+        optimizer reads the step's gradient log there instead of through a copy into a ring slot)."""
+        rec = self.ssd.record(name)
+        if name not in self.names or self.cache is None or not self.cache.has(name, rec.version):
+            raise CacheError(
+                f"{name} v{rec.version} is not in the host cache: read it into a ring slot instead"
+            )
+        return LentRecord(
+            name, rec.dtype, rec.numel, rec.version, str(self.cache.path(name, rec.version)), self.spec.prefix
+        )
 
     def lend(self, name: str, version: int) -> LentRecord:
         """Lend cached record `name` for updating into version `version` in another process (LentRecord).

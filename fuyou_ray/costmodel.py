@@ -298,9 +298,9 @@ def account_step(
             d["ssd write grads"] += g_bytes
             d["ssd read grads"] += g_bytes
         elif plan.grad_log_tier == "cpu" and schedule == "current":
-            # a transient record: write-through leaves it in the cache too
+            # a transient record: write-through leaves it in the cache too. The optimizer reads it in place
+            # (CachedStore.view): copied into the cache, never back out.
             d["cache write grads"] += g_bytes
-            d["cache read grads"] += g_bytes
         s_bytes = units[u].numel * STATE_BYTES
         if u in cached_s:
             # today's pipeline lends cached state to the optimizer: one copy within the cache

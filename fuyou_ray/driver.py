@@ -269,6 +269,7 @@ def run_step(
         commit_meta={"fingerprint": model_fingerprint(cfg, plan), "lr": lr, "data_step": step + 1},
         lent_state=frozenset(plan.cpu_cached_state),
         state_range=plan.optimizer_range,
+        grad_log_cached=plan.grad_log_tier == "cpu",
     )
     key = step_key(inputs)
     resume = supervisor.resume_point(step, key)

@@ -13,7 +13,8 @@ The step, with L units (embedding, blocks, head):
 1. forward: for u < L-1: read P_u into a slot, forward(u) on the whole batch
 2. head: read P_{L-1}, forward + loss + backward of the head, G_{L-1} into a slot
 3. backward: for u = L-2 .. 0: read P_u, recompute + backward(u), G_u into a slot
-4. optimizer, per unit: read W, m, v (and G when it was logged), AdamW over the pool's element ranges,
+4. optimizer, per unit: read W, m, v (and G when it was logged; a log in the host cache is read in place:
+   `view`), AdamW over the pool's element ranges,
    writing the new P into a slot, then write W, m, v, P back. When the host cache holds the unit's state
    (`lent_state`), W, m, v are lent instead: `lend` copies the cached version into a file for the new
    one (early, while the GPU computes), the optimizer updates it in place, `adopt` stages it.
@@ -132,6 +133,9 @@ class StepInputs:
     # range - gradient, master weights and moments pass through ring slots one range at a time, so the
     # slots need not hold a whole unit's fp32 state. 0 = whole units.
     state_range: int = 0
+    # The host cache holds the gradient log (the plan's grad_log "cpu"): the optimizer reads it in place
+    # (ssd.view) instead of through a copy into a ring slot.
+    grad_log_cached: bool = False
 
 
 def state_ranges(numel: int, state_range: int) -> list[tuple[int, int]]:
@@ -216,9 +220,14 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         coef = sched.add("gpu", "clip_coefficient", s.max_grad_norm, after=emits, phase="optimizer")
         for u in (u for u in range(last, -1, -1) if u not in s.done_units):
 
-            def read_log(lo: int, hi: int, u: int = u) -> tuple[int, SlotHandle]:
+            def read_log(lo: int, hi: int, u: int = u) -> tuple[int, SlotHandle | None]:
                 # A range of the log is readable once the whole log record is staged (its last range).
                 if (lo, hi) == (0, spec.units[u].numel):
+                    if s.grad_log_cached:
+                        name = record_name(u, RecordKind.GRAD)
+                        return sched.add(
+                            "ssd", "view", name, after=logged[u], phase="optimizer", unit=u
+                        ), None
                     return read(u, RecordKind.GRAD, "optimizer", after=logged[u])
                 return _read_range(sched, slots, u, RecordKind.GRAD, lo, hi, after=logged[u])
 
@@ -239,14 +248,15 @@ def _optimizer(
     spec: ModelSpec,
     s: StepInputs,
     u: int,
-    grad_range: Callable[[int, int], tuple[int, SlotHandle]],
+    grad_range: Callable[[int, int], tuple[int, SlotHandle | None]],
     grad_scale: float | Ref,
     read: Any,
     writes: list[int],
 ) -> None:
     """Unit u's update: AdamW over the pool, range by range (`state_ranges`; one range = the whole unit),
     the new P into one slot; then every record's new version is written and the unit is published.
-    `grad_range(lo, hi)` adds the op that puts G_u[lo:hi] into a slot, and returns it and the slot."""
+    `grad_range(lo, hi)` adds the op that puts G_u[lo:hi] into a slot, and returns it and the slot (None:
+    the op lends the cached gradient log instead)."""
     unit = spec.units[u]
     version = s.step + 1
     ranges = state_ranges(unit.numel, s.state_range)
@@ -305,7 +315,8 @@ def _optimizer(
             )
             for k, (a, b) in enumerate(_split(lo, hi, s.pool_size))
         ]
-        slots.consumed_by(g_slot, updates)
+        if g_slot is not None:
+            slots.consumed_by(g_slot, updates)
         for op, slot in state.values():
             if slot is not None:
                 unit_writes.append(

@@ -384,6 +384,7 @@ def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
         commit_meta={},
         lent_state=frozenset(plan.cpu_cached_state),
         state_range=plan.optimizer_range,
+        grad_log_cached=plan.grad_log_tier == "cpu",
     )
     sched = host_cache_ops(build_step(w.spec, ring, inputs), plan, ring, w.num_units)
     return _device_streams(sched, w) if device == "cuda" else sched

@@ -389,7 +389,8 @@ def test_writes_into_recycled_pages_reuse_their_kept_mapping(prefix: str) -> Non
 
 def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_slots(prefix: str) -> None:
     """ssd.lend + opt.update + ssd.adopt, at the level of their parts: the new version, updated in place
-    in the lent copy, equals AdamW on ring slots bit for bit; the version read stays intact; lending again
+    in the lent copy (with the gradient from a slot, or read in place from the cache), equals AdamW on
+    ring slots bit for bit; the version read stays intact; lending again
     (a replay) copies afresh into the same file, undoing a failed attempt's update; mappings of deleted
     files are dropped."""
     from actors.cpu_optimizer import CPUOptimizerActor
@@ -422,8 +423,11 @@ def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_
             for kind in state:  # the replay lends again: the same file, the version read copied afresh
                 assert cache.lend(f"u00001.{kind}", 1, 2) == lent[kind].target
             opt.ring.tensor(g_slot).copy_(grad)
-            for lo, hi in ((0, 1_500_001), (1_500_001, numel)):
-                opt.update(w, g_slot, m, v, p_slot, lo, hi, 2**20, hp, 0.5)
+            # The second range reads the gradient in place from a cached gradient log (CachedStore.view).
+            cache.write("u00001.grad", 2, buffer_of(grad))
+            g_view = LentRecord("u00001.grad", "float32", numel, 2, str(cache.path("u00001.grad", 2)), prefix)
+            for (lo, hi), g_src in zip(((0, 1_500_001), (1_500_001, numel)), (g_slot, g_view), strict=True):
+                opt.update(w, g_src, m, v, p_slot, lo, hi, 2**20, hp, 0.5)
             expected = {k: t.clone() for k, t in state.items()}
             params = torch.empty(numel, dtype=torch.bfloat16)
             g = grad.clone()
@@ -439,10 +443,10 @@ def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_
                     assert cache.read(f"u00001.{kind}", version, memoryview(buf))
                     got = torch.frombuffer(buf, dtype=torch.float32)[:numel]
                     assert torch.equal(got, want), (kind, version)
-            assert opt.lent.mapped == 9  # 3 records x (the whole file, then 2 ranges)
+            assert opt.lent.mapped == 10  # 3 records x (the whole file, then 2 ranges), the gradient's range
             cache.keep_only({(f"u00001.{kind}", 1) for kind in state})  # v2 parked as .free: same inode
             opt.lent.forget_missing(prefix)
-            assert opt.lent.mapped == 9
+            assert opt.lent.mapped == 10
             cache.remove_all()
             opt.lent.forget_missing(prefix)
             assert opt.lent.mapped == 0
@@ -450,6 +454,26 @@ def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_
             opt.shutdown()
             cache.remove_all()
             cache.close()
+
+
+def test_view_lends_the_cached_gradient_log_of_the_step_and_refuses_what_is_not_cached(
+    tmp_path: Path, prefix: str
+) -> None:
+    disk = SSDTensorStore([tmp_path / "ssd"], direct_io=False, background_unlink=False)
+    store = CachedStore(disk, CacheSpec(prefix, state_units=(0,), grad_log=True), UNITS)
+    try:
+        initialize(store)
+        grad = record_name(1, RecordKind.GRAD)
+        data = unit_bytes(1, 3, RecordKind.GRAD)
+        store.write_from(grad, buffer_of(data), dtype="float32", numel=NUMEL, version=1, transient=True)
+        lent = store.view(grad)
+        assert (lent.name, lent.version, lent.numel) == (grad, 1, NUMEL)
+        got = torch.from_file(lent.target, size=NUMEL, dtype=torch.float32)
+        assert torch.equal(got, data)
+        with pytest.raises(CacheError, match="not in the host cache"):
+            store.view(record_name(1, RecordKind.MASTER))  # on SSD: read into a slot instead
+    finally:
+        close(store)
 
 
 def test_a_full_dev_shm_is_a_named_error_not_a_bus_error(
