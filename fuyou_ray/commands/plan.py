@@ -133,18 +133,19 @@ def pipeline_plan(cfg: Any, spec: Any, planned: Any) -> Any:
     with the ring and the host cache as `make_plan` (the driver's plan) sizes them - as many slots as
     `budgets.cpu_mem` holds up to MAX_USEFUL_SLOTS, then `fill_cache` with what is left when
     `runtime.cpu_cache` is auto (the cache the SSD actor keeps; its copies are part of the prediction)."""
-    from fuyou_ray.costmodel import WORKING_SLOTS
+    from fuyou_ray.costmodel import working_bytes
     from fuyou_ray.plan import MAX_USEFUL_SLOTS, fill_cache
     from fuyou_ray.schedule import MIN_SLOTS
 
-    slot = planned.slot_bytes
-    slots = int(max(MIN_SLOTS, min(cfg.budgets.cpu_mem // slot - WORKING_SLOTS, MAX_USEFUL_SLOTS)))
+    slot = planned.slot_bytes  # (with the planner's optimizer ranges, as make_plan sizes them)
+    working = working_bytes(spec)
+    slots = int(max(MIN_SLOTS, min((cfg.budgets.cpu_mem - working) // slot, MAX_USEFUL_SLOTS)))
     plan = dataclasses.replace(
         planned.as_current(),
         micro_batch=cfg.batch.micro_batch,
         num_slots=slots,
         ring_bytes=slots * slot,
-        cpu_bytes_needed=(slots + WORKING_SLOTS) * slot,
+        cpu_bytes_needed=slots * slot + working,
     )
     if cfg.runtime.cpu_cache == "auto":
         plan = fill_cache(plan, spec, cfg.budgets.cpu_mem, write_through=cfg.runtime.cache_write_through)
@@ -255,7 +256,7 @@ def render(cfg: Any, spec: Any, profile: Any, result: Any, current: Any, schedul
         f"  prefetch depth        {plan.prefetch_depth} "
         f"(the device holds {plan.prefetch_depth + 1} param buffers)",
         f"  ring                  {plan.num_slots} slots x {format_size(plan.slot_bytes)} = "
-        f"{format_size(plan.num_slots * plan.slot_bytes)}",
+        f"{format_size(plan.num_slots * plan.slot_bytes)}{_ranges_note(plan)}",
         f"  optimizer pool        {plan.optimizer_actors} actor(s) x {plan.optimizer_threads} threads, "
         f"overlaps {plan.overlap}",
         f"  gradient log          {plan.grad_log_tier}",
@@ -345,9 +346,16 @@ def _pipeline_lines(cfg: Any, current: Any, n: int) -> list[str]:
         cache = f"none (runtime.cpu_cache {cfg.runtime.cpu_cache}, or cpu_mem holds only the ring)"
     return [
         "today's pipeline (make_plan: the driver's plan)",
-        f"  ring                  {plan.num_slots} slots x {format_size(plan.slot_bytes)}",
+        f"  ring                  {plan.num_slots} slots x {format_size(plan.slot_bytes)}"
+        + _ranges_note(plan),
         f"  host cache            {cache}",
     ]
+
+
+def _ranges_note(plan: Any) -> str:
+    if not plan.optimizer_range:
+        return ""
+    return f"; optimizer in ranges of {plan.optimizer_range:,} elements (a unit's fp32 state exceeds a slot)"
 
 
 def result_dict(result: Any, current: Any) -> dict[str, Any]:
