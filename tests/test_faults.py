@@ -431,3 +431,43 @@ def test_a_failing_constructor_stops_the_run_with_its_own_error(
     train(cfg, executor="ray")
     assert_identical(cfg, references[True])
     assert_no_leaks(cfg)
+
+
+def ranged_config(tmp: Path) -> RunConfig:
+    """A block of 2.4 M params (d_model 448) updated in optimizer ranges of 1 Mi elements: three ranges."""
+    return tiny_config(
+        tmp,
+        steps=16,
+        model={"vocab_size": 256, "n_layer": 1, "n_head": 4, "d_model": 448, "max_seq_len": 16},
+        batch={"global_batch": 4, "micro_batch": 2, "seq_len": 16},
+        budgets={"gpu_mem": "1GiB", "cpu_mem": "160MiB"},
+        optimizer={"max_grad_norm": 0.5},
+        runtime={"optimizer_actors": 2, "optimizer_threads": 1, "max_restarts": 1000, "optimizer_range": 1},
+    )
+
+
+def test_kills_while_a_unit_is_updated_in_optimizer_ranges(tmp_path: Path) -> None:
+    """Its gradient emitted, logged and read back by range, its master weights and moments assembled range
+    by range into new versions: kills in the middle leave half-assembled versions, which the replay must
+    discard and write again, bit for bit as an uninterrupted run."""
+    ref_cfg = ranged_config(tmp_path / "reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each actor gets: the reference is then bit-identical
+    try:
+        assert train(ref_cfg, executor="local").plan.optimizer_range > 0
+    finally:
+        torch.set_num_threads(threads)
+    reference = Reference(losses(ref_cfg), {k: load_unit_tensors(ref_cfg, k) for k in KINDS})
+    cfg = ranged_config(tmp_path / "faults")
+    plan = [
+        ("ssd", "write_range"),
+        ("opt", "update"),
+        ("ssd", "read_range"),
+        ("gpu", "emit_grad"),
+        ("ssd", ""),
+    ]
+    injector = run_with_faults(cfg, plan, seed=3)
+    report("kills, optimizer ranges", injector)
+    assert len(injector.kills) >= 4, injector.missed
+    assert_identical(cfg, reference)
+    assert_no_leaks(cfg)
