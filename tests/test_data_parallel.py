@@ -116,6 +116,23 @@ def test_shard_bounds_cover_each_unit_once() -> None:
         shard_bounds(3, 4)
 
 
+def test_optimizer_ranges_are_refused_with_what_would_fit(tmp_path: Path) -> None:
+    """Pipelines update whole optimizer shards: a budget that needs optimizer ranges is refused, naming
+    the two ways out."""
+    from fuyou_ray.errors import BudgetError
+    from fuyou_ray.parallel.driver import plan_job
+
+    cfg = tiny_config(
+        tmp_path,
+        model={"vocab_size": 256, "n_layer": 1, "n_head": 4, "d_model": 448, "max_seq_len": 16},
+        batch={"global_batch": 8, "micro_batch": 2, "seq_len": 16},
+        budgets={"gpu_mem": "1GiB", "cpu_mem": "160MiB"},
+        runtime={**POOL, "data_parallel": 2, "optimizer_range": 1},
+    )
+    with pytest.raises(BudgetError, match=r"raise budgets\.cpu_mem, or run with runtime\.data_parallel 1"):
+        plan_job(cfg, ModelSpec(cfg.model))
+
+
 @pytest.mark.parametrize("clip", [0.5, 0.0])
 def test_pipelines_meet_in_the_same_collectives(tmp_path: Path, clip: float) -> None:
     """Every pipeline's schedule calls its comm actor with the same collectives in the same order (else

@@ -75,17 +75,22 @@ def test_ray_actors_match_reference(tmp_path: Path, ray_cluster: object) -> None
 RANGED_MODEL = {"vocab_size": 256, "n_layer": 1, "n_head": 4, "d_model": 448, "max_seq_len": 16}
 
 
-@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0], ids=["clip", "noclip"])
-def test_optimizer_ranges_match_reference(tmp_path: Path, max_grad_norm: float) -> None:
-    cfg = tiny_config(
-        tmp_path,
+def ranged_config(tmp: Path, max_grad_norm: float, **sections: object) -> RunConfig:
+    return tiny_config(
+        tmp,
         model=RANGED_MODEL,
         batch={"global_batch": 4, "micro_batch": 2, "seq_len": 16},
         budgets={"gpu_mem": "1GiB", "cpu_mem": "160MiB"},
         optimizer={"max_grad_norm": max_grad_norm},
         runtime={"optimizer_range": 1},
         steps=3,
+        **sections,
     )
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0], ids=["clip", "noclip"])
+def test_optimizer_ranges_match_reference(tmp_path: Path, max_grad_norm: float) -> None:
+    cfg = ranged_config(tmp_path, max_grad_norm)
     result = train(cfg, executor="local")
     assert result.plan.optimizer_range == RANGE_ALIGN
     spec = ModelSpec(cfg.model)
@@ -97,16 +102,7 @@ def test_optimizer_ranges_match_reference(tmp_path: Path, max_grad_norm: float) 
 
 @pytest.mark.slow
 def test_optimizer_ranges_through_ray_actors_match_reference(tmp_path: Path, ray_cluster: object) -> None:
-    cfg = tiny_config(
-        tmp_path,
-        model=RANGED_MODEL,
-        batch={"global_batch": 4, "micro_batch": 2, "seq_len": 16},
-        budgets={"gpu_mem": "1GiB", "cpu_mem": "160MiB"},
-        optimizer={"max_grad_norm": 0.5},
-        ssd={"paths": [str(tmp_path / "ssd0"), str(tmp_path / "ssd1")]},
-        runtime={"optimizer_range": 1},
-        steps=3,
-    )
+    cfg = ranged_config(tmp_path, 0.5, ssd={"paths": [str(tmp_path / "ssd0"), str(tmp_path / "ssd1")]})
     result = train(cfg, executor="ray")
     assert result.plan.optimizer_range == RANGE_ALIGN
     assert_matches_reference(cfg, [s.loss for s in result.steps])
