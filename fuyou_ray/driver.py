@@ -202,11 +202,29 @@ def open_store(ex: Executor, cfg: RunConfig, plan: Plan, spec: ModelSpec, run_di
 def check_fingerprint(cfg: RunConfig, meta: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
     """Refuse a store whose committed metadata `meta` is of another model, dtype or seed."""
     stored = meta.get("fingerprint", {k: meta.get(k) for k in fingerprint})
-    if stored != fingerprint:
+    if not same_model(stored, fingerprint):
         raise RunStateError(
             f"the store in {cfg.ssd.paths[0]} holds a different model or dtype ({stored}) than this config "
             f"({fingerprint}); use a new run_dir/ssd.paths or the config the run started with"
         )
+
+
+def same_model(stored: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether a store's fingerprint and this config's agree. Model fields added to ModelConfig after the
+    store was made are absent from its fingerprint: they agree while this config leaves them at their
+    defaults (a run started with an older fuyou-ray resumes with a newer one)."""
+    if stored == current:
+        return True
+    old, new = stored.get("model"), current.get("model")
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return False
+    rest = {k: v for k, v in stored.items() if k != "model"}
+    if rest != {k: v for k, v in current.items() if k != "model"}:
+        return False
+    defaults = RunConfig().to_dict()["model"]
+    if any(k not in new for k in old):
+        return False
+    return all(old[k] == v if k in old else k in defaults and v == defaults[k] for k, v in new.items())
 
 
 def check_store_model(cfg: RunConfig, plan: Plan) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_config
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 
@@ -125,3 +125,23 @@ def test_resume_with_another_model_is_refused(committed_run: Path) -> None:
 def test_help_lists_examples(tmp_path: Path) -> None:
     proc = run_cli("train", "--help", cwd=tmp_path)
     assert proc.returncode == 0 and "examples:" in proc.stdout and "ray job submit" in proc.stdout
+
+
+def test_a_store_fingerprinted_before_newer_model_fields_still_resumes(tmp_path: Path) -> None:
+    """A store made by an older fuyou-ray names fewer model fields: it agrees with a config that leaves the
+    newer ones at their defaults, and not with one that sets them."""
+    from fuyou_ray.driver import model_fingerprint, same_model
+    from fuyou_ray.models import ModelSpec
+    from fuyou_ray.plan import make_plan
+
+    cfg = tiny_config(tmp_path)
+    current = model_fingerprint(cfg, make_plan(cfg, ModelSpec(cfg.model)))
+    older = {
+        **current,
+        "model": {k: v for k, v in current["model"].items() if k not in ("n_kv_head", "head_dim")},
+    }
+    assert same_model(older, current)
+    gqa = {**current, "model": {**current["model"], "n_kv_head": 2}}
+    assert not same_model(older, gqa)
+    assert not same_model(current, {**current, "seed": 1})
+    assert not same_model({**current, "model": {**current["model"], "gone": 1}}, current)
