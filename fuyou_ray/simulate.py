@@ -44,7 +44,15 @@ from fuyou_ray.costmodel import call_seconds as _call_seconds
 from fuyou_ray.optim import AdamWStep, shard_ranges
 from fuyou_ray.profile import HardwareProfile
 from fuyou_ray.ring import RingSpec, SlotHandle, make_spec
-from fuyou_ray.schedule import SSD_ACTOR_CONCURRENCY, Op, Ref, StepInputs, StepSchedule, build_step
+from fuyou_ray.schedule import (
+    SSD_ACTOR_CONCURRENCY,
+    Op,
+    Ref,
+    StepInputs,
+    StepSchedule,
+    build_step,
+    state_ranges,
+)
 from fuyou_ray.timeline import Span
 
 if TYPE_CHECKING:
@@ -555,21 +563,31 @@ def build_planned_step(w: Workload, plan: Plan) -> StepSchedule:
     def optimizer(
         u: int, phase: str, grad: list[int], g_slot: int | None, extra: list[int]
     ) -> tuple[list[int], int | None]:
+        """Unit u's update in the plan's optimizer ranges (one range: the whole unit): the state of each
+        range through its own slots, as build_step moves it, the new params into one slot (the gradient
+        is modelled whole)."""
         numel = units[u].numel
-        reads, slots = [], []
-        for _ in range(3):
-            r, sl = read(numel * 4, phase, u, [], cached=u in cached_s)
-            reads.append(r)
-            slots.append(sl)
-        p_slot, p_fence = ring.take()
-        deps = [*reads, *grad, *p_fence, *extra]
-        updates = [
-            s.add(f"opt{k}", "update", after=deps, phase=phase, unit=u, nbytes=hi - lo)
-            for k, (lo, hi) in enumerate(shard_ranges(numel, plan.optimizer_actors))
-        ]
+        ranges = state_ranges(numel, plan.optimizer_range)
+        # Slots taken in build_step's order: the params' slot first only when it is held across ranges.
+        p_slot, p_fence = ring.take() if len(ranges) > 1 else (None, [])
+        updates: list[int] = []
+        for lo, hi in ranges:
+            reads, slots = [], []
+            for _ in range(3):
+                r, sl = read((hi - lo) * 4, phase, u, [], cached=u in cached_s)
+                reads.append(r)
+                slots.append(sl)
+            if p_slot is None:
+                p_slot, p_fence = ring.take()
+            deps = [*reads, *grad, *p_fence, *extra]
+            ranged = [
+                s.add(f"opt{k}", "update", after=deps, phase=phase, unit=u, nbytes=b - a)
+                for k, (a, b) in enumerate(shard_ranges(hi - lo, plan.optimizer_actors))
+            ]
+            for sl in slots:
+                write((hi - lo) * 4, phase, u, ranged, sl, cached=u in cached_s)
+            updates += ranged
         ring.consumed_by(g_slot, updates)
-        for sl in slots:
-            write(numel * 4, phase, u, updates, sl, cached=u in cached_s)
         write(numel * pb, phase, u, updates, p_slot, cached=u in cached_p)
         if u in resident and overlap == "next_forward":
             # The device copy is refreshed with the new params right before this step's first use.
