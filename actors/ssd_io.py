@@ -24,7 +24,7 @@ from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.records import OPTIMIZER_STATE, RecordKind, record_name
 from fuyou_ray.ring import DTYPES, RingMapping, RingSpec, SlotHandle
-from fuyou_ray.store import SSDTensorStore, StoreFullError, aligned_buffer
+from fuyou_ray.store import STAGING_BYTES, SSDTensorStore, StoreFullError, aligned_buffer
 from fuyou_ray.timeline import Span, Timeline
 
 
@@ -273,10 +273,11 @@ class SSDIOActor:
     def initialize(self, seed: int, param_dtype: str, meta: Mapping[str, Any]) -> int:
         """Write a fresh model's records unit by unit to SSD, commit them as step 0 (durable).
 
-        Working memory: one unit's fp32 weights plus one aligned staging buffer of the same size.
+        Working memory: one unit's fp32 weights plus an aligned staging buffer of the same size, or of
+        STAGING_BYTES for a larger unit, whose records are then written range by range (`write_range`).
         """
         largest = max(u.numel for u in self.spec.units)
-        staging = aligned_buffer(largest * 4)
+        staging = aligned_buffer(min(largest * 4, STAGING_BYTES))
         stage = torch.frombuffer(staging, dtype=torch.uint8)
         for unit in self.spec.units:
             master = self.spec.init_unit(unit.index, seed)
@@ -286,18 +287,26 @@ class SSDIOActor:
                 (RecordKind.EXP_AVG, "float32"),
                 (RecordKind.EXP_AVG_SQ, "float32"),
             ):
-                view = stage[: unit.numel * DTYPES[dtype].itemsize].view(DTYPES[dtype])
-                if kind in (RecordKind.PARAM, RecordKind.MASTER):
-                    view.copy_(master)
-                else:
-                    view.zero_()
-                self.disk.write_from(
-                    record_name(unit.index, kind),
-                    memoryview(staging),
-                    dtype=dtype,
-                    numel=unit.numel,
-                    version=0,
-                )
+                itemsize = DTYPES[dtype].itemsize
+                per = (
+                    len(staging) // itemsize
+                )  # elements per range; ranges start on multiples of STAGING_BYTES
+                for lo in range(0, unit.numel, per):
+                    hi = min(lo + per, unit.numel)
+                    view = stage[: (hi - lo) * itemsize].view(DTYPES[dtype])
+                    if kind in (RecordKind.PARAM, RecordKind.MASTER):
+                        view.copy_(master[lo:hi])
+                    else:
+                        view.zero_()
+                    self.disk.write_range(
+                        record_name(unit.index, kind),
+                        memoryview(staging),
+                        dtype=dtype,
+                        numel=unit.numel,
+                        version=0,
+                        lo=lo * itemsize,
+                        hi=hi * itemsize,
+                    )
             del master
         self.disk.commit(0, {**meta, "durable_step": 0})
         self._io_marks = self._io_now()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from fuyou_ray.models import ModelSpec
 from fuyou_ray.profile import HardwareProfile
+from fuyou_ray.store import STAGING_BYTES
 
 if TYPE_CHECKING:
     from fuyou_ray.plan import Plan
@@ -39,7 +40,6 @@ BACKWARD_TRANSIENT_PER_TOKEN_WIDTH = 16  # gradients w.r.t. the 4h-wide MLP acti
 HEAD_BYTES_PER_TOKEN_VOCAB_EXTRA = 12  # fp32 logits, softmax and its gradient beside the 16-bit logits
 GRAD_BYTES = 4  # gradients leave the device in fp32
 STATE_BYTES = 12  # fp32 master weights + Adam m + v
-WORKING_SLOTS = 2  # slot-sized working buffers a process may hold outside the ring
 
 POLICIES = ("keep", "swap_cpu", "swap_ssd", "recompute")
 
@@ -395,9 +395,10 @@ def chunk_working_sets(w: Workload, plan: Plan) -> tuple[int, int]:
 
 def working_bytes(spec: ModelSpec) -> int:
     """Host buffers outside the ring: `SSDIOActor.initialize` holds the largest unit's fp32 weights and a
-    staging buffer of the same size (WORKING_SLOTS whole-unit fp32 buffers, whatever the ring's slots)."""
-    largest = max(u.numel for u in spec.units)
-    return WORKING_SLOTS * (-(-largest * 4 // 4096) * 4096)
+    staging buffer of the same size, or of STAGING_BYTES when the unit is larger (it then writes records
+    in ranges), whatever the ring's slots."""
+    unit = -(-max(u.numel for u in spec.units) * 4 // 4096) * 4096
+    return unit + min(unit, STAGING_BYTES)
 
 
 def cpu_memory(w: Workload, plan: Plan) -> MemoryNeed:

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 ALIGN = 4096
 CHUNK_BYTES = 4 * 1024 * 1024
+# A writer's staging buffer (SSDIOActor.initialize): a record larger than it is written in ranges of it.
+STAGING_BYTES = 64 * CHUNK_BYTES
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
 LOCK = ".lock"

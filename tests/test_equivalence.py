@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,14 +76,14 @@ def test_ray_actors_match_reference(tmp_path: Path, ray_cluster: object) -> None
 RANGED_MODEL = {"vocab_size": 256, "n_layer": 1, "n_head": 4, "d_model": 448, "max_seq_len": 16}
 
 
-def ranged_config(tmp: Path, max_grad_norm: float, **sections: object) -> RunConfig:
+def ranged_config(tmp: Path, max_grad_norm: float, optimizer_range: int = 1, **sections: object) -> RunConfig:
     return tiny_config(
         tmp,
         model=RANGED_MODEL,
         batch={"global_batch": 4, "micro_batch": 2, "seq_len": 16},
         budgets={"gpu_mem": "1GiB", "cpu_mem": "160MiB"},
         optimizer={"max_grad_norm": max_grad_norm},
-        runtime={"optimizer_range": 1},
+        runtime={"optimizer_range": optimizer_range},
         steps=3,
         **sections,
     )
@@ -105,4 +106,28 @@ def test_optimizer_ranges_through_ray_actors_match_reference(tmp_path: Path, ray
     cfg = ranged_config(tmp_path, 0.5, ssd={"paths": [str(tmp_path / "ssd0"), str(tmp_path / "ssd1")]})
     result = train(cfg, executor="ray")
     assert result.plan.optimizer_range == RANGE_ALIGN
+    assert_matches_reference(cfg, [s.loss for s in result.steps])
+
+
+def test_a_model_initialized_in_staging_ranges_matches_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SSD actor writes a unit larger than its staging buffer range by range (write_range): with a
+    4 MiB buffer the 9.6 MB block's records go in three ranges; the run matches the reference."""
+    import actors.ssd_io
+    from fuyou_ray.store import SSDTensorStore
+
+    monkeypatch.setattr(actors.ssd_io, "STAGING_BYTES", 4 * 2**20)
+    starts: list[int] = []
+    write_range = SSDTensorStore.write_range
+
+    def spy(self: SSDTensorStore, name: str, src: memoryview, **kw: Any) -> Any:
+        starts.append(kw["lo"])
+        return write_range(self, name, src, **kw)
+
+    monkeypatch.setattr(SSDTensorStore, "write_range", spy)
+    cfg = ranged_config(tmp_path, 0.5, optimizer_range=0)
+    result = train(cfg, executor="local")
+    assert result.plan.optimizer_range == 0
+    assert sorted(set(starts)) == [0, 4 * 2**20, 8 * 2**20]  # the block's records in three ranges
     assert_matches_reference(cfg, [s.loss for s in result.steps])
