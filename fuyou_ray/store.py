@@ -223,7 +223,8 @@ class SSDTensorStore:
 
     Lifecycle: `SSDTensorStore(paths)` takes the store's lock, opens or creates it and removes leftovers of
     an unfinished step (staged files; a torn journal line); `write_from`/`read_into` move records during a
-    step; `publish` makes a unit's new versions durable; `commit(step)` publishes the step; `close()` stops
+    step (`write_range`/`read_range` a record too large for one buffer, range by range); `publish` makes a
+    unit's new versions durable; `commit(step)` publishes the step; `close()` stops
     the I/O threads and releases the lock. Thread-safe: the SSD actor calls it from several threads at once.
     """
 
