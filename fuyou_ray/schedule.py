@@ -23,6 +23,10 @@ The step, with L units (embedding, blocks, head):
    - no clipping: optimizer(u) consumes G_u straight from the ring, overlapping backward(u-1) (Fuyou).
    Once a unit's W, m, v, P are written, `publish` makes its update durable (so the SSD never holds two
    copies of more than the units in flight); a replay after a crash skips the units already published.
+   A unit with more elements than `state_range` (the plan's optimizer_range) is updated range by range:
+   its gradient is emitted (and logged) per range, W, m, v are read (`read_range`) and written
+   (`write_range`) per range through their own slots, and the new P, whole, fills one slot held across
+   the ranges: the slots then need not hold a whole unit's fp32 state (175B width: 6.75 GiB a record).
 5. commit the step (manifest), after every write.
 """
 
