@@ -654,59 +654,19 @@ class SSDTensorStore:
         padded = align_up(nbytes)
         if src.nbytes < padded:
             raise ValueError(f"{name}: source buffer of {src.nbytes} B is shorter than {padded} B (padded)")
-        src = src.cast("B")[:padded]
-        stripes = self._stripes_for(name, padded)
-        rec = TensorRecord(name, dtype, numel, nbytes, version, stripes, (), chunk_bytes=self.chunk_bytes)
+        rec = self._new_record(name, dtype, numel, version)
         with self._lock:
             previous = self._staged.pop(name, None)
         if previous is not None:
             # A version staged earlier by this process and now superseded: nothing will ever name its files.
             self._delete_files(previous)
-        fds: list[int] = []
+        self._allocate(rec)
         try:
-            for k, s in enumerate(stripes):
-                fds.append(self._open(s.directory, rec.file_name(k), write=True))
-                try:
-                    os.posix_fallocate(fds[k], 0, s.nbytes)
-                except OSError as exc:
-                    if exc.errno == errno.ENOSPC:
-                        raise StoreFullError(
-                            f"{self.dirs[s.directory]}: no space for {s.nbytes} B of {name}; free space "
-                            "or add a directory to ssd.paths. Committed state is intact."
-                        ) from exc
-                    raise
-
-            def write_chunk(k: int, rec_off: int, file_off: int, size: int) -> int:
-                view = src[rec_off : rec_off + size]
-                done = 0
-                while done < size:
-                    done += os.pwritev(fds[k], [view[done:]], file_off + done)
-                return size
-
-            chunks = list(self._chunks(rec))
-            # The checksums of the source run beside the writes, on their own threads: the I/O threads
-            # only move bytes, so the SSD keeps io_threads requests in flight.
-            sums = [
-                self._sums.submit(_crc, src[off : off + max(0, min(n, nbytes - off))])
-                for _, off, _, n in chunks
-            ]
-            _results([self._pool.submit(write_chunk, *c) for c in chunks], name)
-            crcs = tuple(_results(sums, name))
-            for fd in fds:
-                os.fsync(fd)
-        except BaseException as exc:
-            for fd in fds:
-                os.close(fd)
-            fds = []
+            chunks, _ = self._range_chunks(rec, 0, nbytes)
+            crcs = tuple(self._write_chunks(rec, src.cast("B")[:padded], 0, chunks))
+        except BaseException:
             self._delete_files(rec)  # a half-written version is nobody's
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise StoreFullError(
-                    f"SSD full while writing {name}: free space and re-run. Committed state is intact."
-                ) from exc
             raise
-        finally:
-            for fd in fds:
-                os.close(fd)
         rec = replace(rec, chunk_crcs=crcs, transient=transient)
         with self._lock:
             self._staged[name] = rec
@@ -819,37 +779,11 @@ class SSDTensorStore:
             raise ValueError(f"{name}: source of {src.nbytes} B < {end - lo} B (bytes {lo}..{end})")
         asm = self._assembly(name, dtype, numel, version)
         rec = asm.rec
-        src = src.cast("B")[: end - lo]
-        fds: dict[int, int] = {}
         try:
-            for k in sorted({c[1] for c in chunks}):
-                fds[k] = self._open(rec.stripes[k].directory, rec.file_name(k), write=True, create=False)
-
-            def write_chunk(k: int, rec_off: int, file_off: int, size: int) -> int:
-                view = src[rec_off - lo : rec_off - lo + size]
-                done = 0
-                while done < size:
-                    done += os.pwritev(fds[k], [view[done:]], file_off + done)
-                return size
-
-            sums = [
-                self._sums.submit(_crc, src[off - lo : off - lo + max(0, min(n, rec.nbytes - off))])
-                for _, _, off, _, n in chunks
-            ]
-            _results([self._pool.submit(write_chunk, *c[1:]) for c in chunks], name)
-            crcs = _results(sums, name)
-            for fd in fds.values():
-                os.fsync(fd)
-        except BaseException as exc:
+            crcs = self._write_chunks(rec, src.cast("B")[: end - lo], lo, chunks)
+        except BaseException:
             self._abandon(asm)
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise StoreFullError(
-                    f"SSD full while writing {name}: free space and re-run. Committed state is intact."
-                ) from exc
             raise
-        finally:
-            for fd in fds.values():
-                os.close(fd)
         with self._assembly_lock:
             if self._assembling.get(name) is not asm:
                 raise StoreError(
@@ -868,6 +802,44 @@ class SSDTensorStore:
         with self._lock:
             self._staged[name] = rec
         return rec
+
+    def _write_chunks(
+        self, rec: TensorRecord, src: memoryview, lo: int, chunks: list[tuple[int, int, int, int, int]]
+    ) -> list[int]:
+        """Write `chunks` (from `_range_chunks`) of `rec`'s allocated files from `src`, which holds the
+        record's bytes from `lo` on, and fsync them; returns the chunks' checksums. The checksums run
+        beside the writes on their own threads: the I/O threads only move bytes, so the SSD keeps
+        io_threads requests in flight."""
+        fds: dict[int, int] = {}
+        try:
+            for k in sorted({c[1] for c in chunks}):
+                fds[k] = self._open(rec.stripes[k].directory, rec.file_name(k), write=True, create=False)
+
+            def write_chunk(k: int, rec_off: int, file_off: int, size: int) -> int:
+                view = src[rec_off - lo : rec_off - lo + size]
+                done = 0
+                while done < size:
+                    done += os.pwritev(fds[k], [view[done:]], file_off + done)
+                return size
+
+            sums = [
+                self._sums.submit(_crc, src[off - lo : off - lo + max(0, min(n, rec.nbytes - off))])
+                for _, _, off, _, n in chunks
+            ]
+            _results([self._pool.submit(write_chunk, *c[1:]) for c in chunks], rec.name)
+            crcs: list[int] = _results(sums, rec.name)
+            for fd in fds.values():
+                os.fsync(fd)
+            return crcs
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreFullError(
+                    f"SSD full while writing {rec.name}: free space and re-run. Committed state is intact."
+                ) from exc
+            raise
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def _assembly(self, name: str, dtype: str, numel: int, version: int) -> _Assembly:
         """The version of `name` being assembled by `write_range`: created (files allocated) by the first
