@@ -10,6 +10,7 @@ import torch
 from torch.func import functional_call
 
 from fuyou_ray.config import ModelConfig
+from fuyou_ray.errors import ForwardLostError
 from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
 from fuyou_ray.models import ModelSpec, lm_loss
 from fuyou_ray.models.gpt import IGNORE_INDEX
@@ -63,18 +64,25 @@ class DeviceLanes:
             end.record(stream)
         self._pending.append((lane, label, nbytes, start, end))
 
-    def flush(self) -> None:
-        """Turn recorded CUDA events into spans (synchronizes on the events)."""
+    def flush(self, wait: bool = True) -> None:
+        """Turn recorded CUDA events into spans: all of them (synchronizing on the events), or with
+        `wait=False` those already complete (a drain between steps must not wait for compute that the
+        next step's forward, run ahead, still has queued)."""
         if not self.cuda or self._anchor is None:
             self._pending.clear()
             return
         wall, ref = self._anchor
-        for lane, label, nbytes, start, end in self._pending:
+        left = []
+        for pending in self._pending:
+            lane, label, nbytes, start, end = pending
+            if not wait and not end.query():
+                left.append(pending)
+                continue
             end.synchronize()
             t0 = wall + ref.elapsed_time(start) / 1e3
             t1 = wall + ref.elapsed_time(end) / 1e3
             self.timeline.add(Span(lane, label, t0, t1, nbytes))
-        self._pending.clear()
+        self._pending = left
 
 
 class GPUComputeActor:
@@ -88,7 +96,9 @@ class GPUComputeActor:
     the unit's gradient over micro-batches in fp32 on the device; `emit_grad(u)` copies it into a ring
     slot. Calls that read a ring slot return once the slot's bytes are on the device (the slot is free);
     `emit_grad` returns once the slot is filled; compute itself runs on asynchronously, so the schedule
-    overlaps it with the next unit's copies. A restarted actor has lost the step's activations: the
+    overlaps it with the next unit's copies. With exact clipping the next step's `start_step` and forward
+    calls may come at the end of a step (after `step_summary`), fed from the optimizer's new-params slots;
+    that step then opens with `check_forward`. A restarted actor has lost the step's activations: the
     driver replays the step from `start_step`.
     """
 
@@ -111,6 +121,7 @@ class GPUComputeActor:
             self.ring.pin()
         self.timeline = Timeline()
         self.lanes = DeviceLanes(self.device, self.timeline)
+        self.step = -1  # the 0-based step whose batch this actor holds
         self.inputs: list[list[torch.Tensor]] = []
         self.grad_out: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
@@ -124,9 +135,15 @@ class GPUComputeActor:
 
     # ---------------------------------------------------------------------------------------- the step
 
-    def start_step(self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int) -> int:
-        """Take the step's batch (global_batch, seq_len); forget the previous step's state."""
+    def start_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int, step: int = -1, *after: object
+    ) -> int:
+        """Take 0-based step `step`'s batch (global_batch, seq_len); forget the previous step's state.
+
+        Called either at the start of the step or, ahead, at the end of the previous one (its optimizer
+        then runs this step's forward: `check_forward` opens the step instead)."""
         self.lanes.anchor()
+        self.step = step
         n = self.spec.num_units
         self.inputs = [[] for _ in range(n)]
         self.inputs[0] = [t.to(self.device) for t in inputs.split(micro_batch)]
@@ -137,6 +154,17 @@ class GPUComputeActor:
         self.grads = {}
         self.grad_left = {}
         self.norms = {}
+        return self.accum
+
+    def check_forward(self, step: int, *after: object) -> int:
+        """Open step `step` whose forward already ran (ahead, during the previous step's optimizer):
+        ForwardLostError unless this actor holds that forward's every unit output (a restart loses them)."""
+        held = [u for u in range(self.spec.num_units) if len(self.inputs[u]) == self.accum]
+        if self.step != step or len(held) != self.spec.num_units:
+            raise ForwardLostError(
+                f"the GPU actor holds the forward of step {self.step + 1} with units {held}, not step "
+                f"{step + 1}'s: it was restarted between the steps. The driver runs the step again."
+            )
         return self.accum
 
     def forward(self, unit: int, params: SlotHandle, *after: object) -> int:
@@ -278,7 +306,7 @@ class GPUComputeActor:
         return flat.requires_grad_(requires_grad)
 
     def drain_timeline(self) -> list[Span]:
-        self.lanes.flush()
+        self.lanes.flush(wait=False)
         return self.timeline.drain()
 
     def memory_report(self) -> MemoryReport:

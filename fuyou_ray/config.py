@@ -239,6 +239,8 @@ class RuntimeConfig:
     `cache_threads` copy between the cache and the ring (0: one per core, at most 16; fuyou_ray/cache.py).
     `optimizer_range` (elements): a unit with more is updated range by range, so ring slots need not hold a
     whole unit's fp32 state (a 175B-width block is 7 GB per fp32 record). 0 = only when cpu_mem needs it.
+    `lookahead: true` (with exact clipping) runs the next step's forward during this step's optimizer, each
+    unit as soon as its new params exist (the optimizer then goes through the units in forward order).
     `data_parallel: N` runs N pipelines, each on 1/N of the global batch (docs: README, Data parallelism).
     """
 
@@ -256,6 +258,7 @@ class RuntimeConfig:
     cache_flush_every: int = 50
     cache_threads: int = 0
     optimizer_range: int = 0
+    lookahead: bool = True
     # Pipelines (GPU compute + SSD I/O + optimizer pool each, one per GPU) that split every step's batch;
     # gradients are summed across them and each holds 1/N of the optimizer state (fuyou_ray/parallel/).
     data_parallel: int = 1

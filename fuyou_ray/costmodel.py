@@ -273,7 +273,10 @@ def account_step(
         # params onto the device: each visit, or once (the updated copy) when resident
         d["h2d params"] += p_bytes if u in resident else visits * p_bytes
         if u not in resident:
-            from_opt = 1 if overlap == "next_forward" else 0  # the first visit takes the new P
+            # the first visit takes the new P from the optimizer's slot: the planned next_forward, or
+            # today's lookahead (with clipping, the next forward of every unit but the head)
+            ahead = schedule == "current" and w.clipping and u != last
+            from_opt = 1 if (overlap == "next_forward" and schedule == "planned") or ahead else 0
             tier = "cache" if u in cached_p else "ssd"
             d[f"{tier} read params"] += (visits - from_opt) * p_bytes
         # the optimizer's new params: into the cache, and to SSD unless cached write-back

@@ -22,7 +22,7 @@ from typing import Any
 from fuyou_ray.cache import CacheArea, cache_prefix
 from fuyou_ray.config import NEOX_ONLY_FIELDS, ModelConfig, RunConfig, format_size, save_config
 from fuyou_ray.data import TokenDataset
-from fuyou_ray.errors import RunStateError
+from fuyou_ray.errors import ForwardLostError, RunStateError, find_cause
 from fuyou_ray.executor import ActorSetup, Executor, LocalExecutor, RayExecutor
 from fuyou_ray.memory import MemoryMeter
 from fuyou_ray.models import ModelSpec
@@ -113,9 +113,15 @@ def train(cfg: RunConfig, *, stop_after: int | None = None, executor: str | None
         result = TrainResult(str(run_dir), plan, start, start)
         last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         observer = build_observer(cfg, plan, run_dir, start, ex)
+        ahead = ForwardAhead()
         with observer, open(run_dir / "metrics.jsonl", "a") as metrics:
             for step in range(start, last):
-                attempt = functools.partial(run_step, ex, supervisor, cfg, plan, spec, data, step)
+                # The next step's forward may run during this step's optimizer unless something else
+                # uses the GPU between them (an evaluation) or there is no next step in this call.
+                may_run_ahead = step + 1 < last and not eval_due(cfg, step + 1)
+                attempt = functools.partial(
+                    run_step, ex, supervisor, cfg, plan, spec, data, step, ahead, may_run_ahead
+                )
                 record, spans = supervisor.run(step, attempt)
                 if eval_due(cfg, record.step):
                     evaluate = functools.partial(run_eval, ex, cfg, plan, spec, data)
@@ -259,6 +265,16 @@ def restore_last_metrics(ex: Executor, path: Path, committed: int) -> None:
         f.write(json.dumps(recorded_step(committed - 1, meta).__dict__) + "\n")
 
 
+@dataclass
+class ForwardAhead:
+    """Which step's forward the GPU actor ran ahead, during the previous step's optimizer (None: none).
+
+    Set once a step that ran the next forward has committed; taken (and cleared) by the next step, so a
+    replay after a failure runs its own forward."""
+
+    step: int | None = None
+
+
 def run_step(
     ex: Executor,
     supervisor: Supervisor,
@@ -267,9 +283,15 @@ def run_step(
     spec: ModelSpec,
     data: TokenDataset,
     step: int,
+    ahead: ForwardAhead | None = None,
+    may_run_ahead: bool = False,
 ) -> tuple[StepRecord, list[Span]]:
     """Run 0-based step `step` to its commit (or replay it after a failure); returns what it measured and
-    its timeline."""
+    its timeline. With `may_run_ahead` (and exact clipping, runtime.lookahead) the step also runs step
+    `step + 1`'s forward, which `ahead` then records."""
+    ahead = ahead or ForwardAhead()
+    forward_done = ahead.step == step
+    ahead.step = None
     t0 = time.perf_counter()
     batch = data.batch(step, cfg.batch.global_batch, cfg.batch.seq_len)
     o = cfg.optimizer
@@ -293,15 +315,30 @@ def run_step(
     resume = supervisor.resume_point(step, key)
     if resume.committed_meta is not None:  # committed before a failure hid the reply
         return recorded_step(step, resume.committed_meta), []
-    inputs = dataclasses.replace(inputs, done_units=resume.done_units, step_key=key)
+    lookahead = None
+    if may_run_ahead and cfg.runtime.lookahead and o.max_grad_norm > 0 and not resume.done_units:
+        following = data.batch(step + 1, cfg.batch.global_batch, cfg.batch.seq_len)
+        lookahead = (following.inputs, following.targets)
+    inputs = dataclasses.replace(
+        inputs,
+        done_units=resume.done_units,
+        step_key=key,
+        forward_done=forward_done and not resume.done_units,
+        lookahead=lookahead,
+    )
     supervisor.ask("ssd", "reserve", _scratch_bytes(cfg, plan, spec))
     sched = build_step(spec, ex.ring_spec, inputs)
     try:
         futures = supervisor.execute(sched)
     except Exception as exc:
+        if inputs.forward_done and find_cause(exc, ForwardLostError) is not None:
+            log.warning("step %d: %s", step + 1, find_cause(exc, ForwardLostError))
+            supervisor.ask("ssd", "rollback")  # what the attempt staged (nothing was published)
+            return run_step(ex, supervisor, cfg, plan, spec, data, step, ahead, may_run_ahead)
         if supervisor.skip_nonfinite(step, exc, inputs.commit_meta):
             return recorded_step(step, {"lr": lr, "loss": math.nan, "grad_norm": math.nan}), []
         raise
+    ahead.step = step + 1 if sched.lookahead else None
     summary = ex.get(futures[sched.summary])
     seconds = time.perf_counter() - t0
     spans = [s for role in ex.roles for s in supervisor.ask(role, "drain_timeline")]

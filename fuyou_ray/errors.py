@@ -31,6 +31,11 @@ class RestartLimitError(FuyouError):
     """Actors kept dying: more restarts in the window than runtime.max_restarts allows."""
 
 
+class ForwardLostError(FuyouError):
+    """The GPU actor no longer holds the forward pass the previous step ran ahead for this one (it was
+    restarted between the steps); the driver runs the step again with its own forward."""
+
+
 class SnapshotError(FuyouError):
     """A run checkpoint (fuyou_ray/checkpoint.py) cannot be taken, listed or restored: missing, damaged, or
     of another model. (Hugging Face checkpoints have their own error in safetensors_io.)"""

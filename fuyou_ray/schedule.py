@@ -19,7 +19,10 @@ The step, with L units (embedding, blocks, head):
    (`lent_state`), W, m, v are lent instead: `lend` copies the cached version into a file for the new
    one (early, while the GPU computes), the optimizer updates it in place, `adopt` stages it.
    - exact clipping (max_grad_norm > 0): every G is logged to SSD during backward, because the clipping
-     coefficient needs all of them; the optimizer runs after the last backward.
+     coefficient needs all of them; the optimizer runs after the last backward, unit by unit in forward
+     order. Lookahead (`StepInputs.lookahead`): the next step's forward follows it on the GPU, unit u on
+     its new params straight from their slot, so the forward overlaps the optimizer (Fuyou); that step
+     then opens with `check_forward` (`forward_done`) and starts at its head.
    - no clipping: optimizer(u) consumes G_u straight from the ring, overlapping backward(u-1) (Fuyou).
    Once a unit's W, m, v, P are written, `publish` makes its update durable (so the SSD never holds two
    copies of more than the units in flight); a replay after a crash skips the units already published.
@@ -76,6 +79,7 @@ class StepSchedule:
     ops: list[Op] = field(default_factory=list)
     commit: int = -1
     summary: int = -1
+    lookahead: bool = False  # whether it runs the next step's forward (StepInputs.lookahead)
 
     def add(self, actor: str, method: str, *args: Any, after: Sequence[int] = (), **info: Any) -> int:
         op = Op(len(self.ops), actor, method, tuple(args), tuple(sorted(set(after))), **info)
@@ -140,6 +144,12 @@ class StepInputs:
     # The host cache holds the gradient log (the plan's grad_log "cpu"): the optimizer reads it in place
     # (ssd.view) instead of through a copy into a ring slot.
     grad_log_cached: bool = False
+    # The GPU actor already ran this step's forward, ahead, during the previous step's optimizer: the step
+    # opens with gpu.check_forward instead of start_step and the forward.
+    forward_done: bool = False
+    # The next step's (inputs, targets): with exact clipping its forward runs at the end of this step, unit
+    # u as soon as the optimizer has made u's new params (from their slot, no read). None: not ahead.
+    lookahead: tuple[Any, Any] | None = None
 
 
 def state_ranges(numel: int, state_range: int) -> list[tuple[int, int]]:
@@ -155,7 +165,10 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
     version = s.step + 1
     last = spec.num_units - 1
     clipping = s.max_grad_norm > 0
-    start = sched.add("gpu", "start_step", s.inputs, s.targets, s.micro_batch, phase="forward")
+    if s.forward_done:
+        start = sched.add("gpu", "check_forward", s.step, phase="forward")
+    else:
+        start = sched.add("gpu", "start_step", s.inputs, s.targets, s.micro_batch, s.step, phase="forward")
     writes: list[int] = []
     logged: dict[int, list[int]] = {}  # unit -> the writes of its gradient log (clipping)
     emits: list[int] = []  # every emit_grad: after the last one, the GPU knows the global norm
@@ -179,15 +192,23 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         """D2H of elements [lo, hi) of G_u into a slot."""
         g_slot, fence = slots.take()
         g_slot = g_slot.carrying(record_name(u, RecordKind.GRAD), "float32", hi - lo, version, first=lo)
+        # After `start` too: when the step's start fails (check_forward), its emits fail with it.
         e = sched.add(
-            "gpu", "emit_grad", u, g_slot, after=fence, phase="backward", unit=u, nbytes=g_slot.nbytes
+            "gpu",
+            "emit_grad",
+            u,
+            g_slot,
+            after=[*fence, start],
+            phase="backward",
+            unit=u,
+            nbytes=g_slot.nbytes,
         )
         emits.append(e)
         return e, g_slot
 
-    # 1. forward through every unit but the head
+    # 1. forward through every unit but the head (unless it ran ahead, in the previous step)
     forward_reads: list[int] = []
-    for u in range(last):
+    for u in range(0 if s.forward_done else last):
         r, slot = read(u, RecordKind.PARAM, "forward")
         forward_reads.append(r)
         f = sched.add("gpu", "forward", u, Ref(r), after=[start], phase="forward", unit=u)
@@ -231,11 +252,19 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
             emit(u + 1)
     emit(0)
 
+    # The step's loss and norm, read before the GPU may take the next step's batch.
+    sched.summary = sched.add("gpu", "step_summary", after=[start], phase="commit")
+
     # 4. with exact clipping: the coefficient from every gradient's norm (known on the GPU once the last
-    # gradient is out, without waiting for the log writes), then the optimizer unit by unit
+    # gradient is out, without waiting for the log writes), then the optimizer unit by unit, in forward
+    # order: the next step's forward (lookahead) can then follow it unit by unit.
     if clipping:
         coef = sched.add("gpu", "clip_coefficient", s.max_grad_norm, after=emits, phase="optimizer")
-        for u in (u for u in range(last, -1, -1) if u not in s.done_units):
+        ahead: Callable[[int, SlotHandle, Sequence[int]], list[int]] | None = None
+        if s.lookahead is not None and not s.done_units:
+            ahead = _lookahead(sched, s, last, after=[sched.summary, coef])
+            sched.lookahead = True
+        for u in (u for u in range(last + 1) if u not in s.done_units):
 
             def read_log(lo: int, hi: int, u: int = u) -> tuple[int, SlotHandle | None]:
                 # A range of the log is readable once the whole log record is staged (its last range).
@@ -248,10 +277,9 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
                     return read(u, RecordKind.GRAD, "optimizer", after=logged[u])
                 return _read_range(sched, slots, u, RecordKind.GRAD, lo, hi, after=logged[u])
 
-            _optimizer(sched, slots, spec, s, u, read_log, Ref(coef), read, writes, forward_reads)
+            _optimizer(sched, slots, spec, s, u, read_log, Ref(coef), read, writes, forward_reads, ahead)
 
     # 5. commit after every write
-    sched.summary = sched.add("gpu", "step_summary", after=[start], phase="commit")
     # The commit takes the step's summary so it can refuse to publish a step whose loss is not finite.
     sched.commit = sched.add(
         "ssd", "commit", version, dict(s.commit_meta), Ref(sched.summary), after=writes, phase="commit"
@@ -270,13 +298,16 @@ def _optimizer(
     read: Any,
     writes: list[int],
     lend_after: Sequence[int],
+    ahead: Callable[[int, SlotHandle, Sequence[int]], list[int]] | None = None,
 ) -> None:
     """Unit u's update: AdamW over the pool, range by range (`state_ranges`; one range = the whole unit),
     the new P into one slot; then every record's new version is written and the unit is published.
     `grad_range(lo, hi)` adds the op that puts G_u[lo:hi] into a slot, and returns it and the slot (None:
     the op lends the cached gradient log instead). Lends wait for `lend_after` (the forward's param reads):
     their copies would otherwise take the memory bandwidth and copy threads that the first forwards wait
-    on (the GPU started 0.36 s into the cached 13B-width step)."""
+    on (the GPU started 0.36 s into the cached 13B-width step). `ahead(u, params_slot, updates)`, when
+    given, adds the ops that read the new params from their slot besides its write (the next step's
+    forward) and returns them."""
     unit = spec.units[u]
     version = s.step + 1
     ranges = state_ranges(unit.numel, s.state_range)
@@ -361,7 +392,8 @@ def _optimizer(
     if p_out is None:
         raise ValueError(f"unit {u} has no elements to update")
     p_bytes = unit.numel * _itemsize(s.param_dtype)
-    unit_writes.append(_write_new_params(sched, slots, p_out, u, version, all_updates, p_bytes))
+    readers = ahead(u, p_out, all_updates) if ahead is not None else []
+    unit_writes.append(_write_new_params(sched, slots, p_out, u, version, all_updates, p_bytes, readers))
     # The unit's update becomes durable as a whole once its four records are written (crash consistency
     # without a second copy of the state: see store.py).
     writes.append(
@@ -433,13 +465,43 @@ def _write(
 
 
 def _write_new_params(
-    sched: StepSchedule, slots: _Slots, p_out: SlotHandle, u: int, version: int, after: list[int], nbytes: int
+    sched: StepSchedule,
+    slots: _Slots,
+    p_out: SlotHandle,
+    u: int,
+    version: int,
+    after: list[int],
+    nbytes: int,
+    readers: Sequence[int],
 ) -> int:
+    """Write the new params in `p_out` (filled by the ops `after`); `readers` also read the slot."""
     op = sched.add(
         "ssd", "write", p_out, version, False, after=after, phase="optimizer", unit=u, nbytes=nbytes
     )
-    slots.consumed_by(p_out, [op])
+    slots.consumed_by(p_out, [op, *readers])
     return op
+
+
+def _lookahead(
+    sched: StepSchedule, s: StepInputs, last: int, after: Sequence[int]
+) -> Callable[[int, SlotHandle, Sequence[int]], list[int]]:
+    """Start the next step on the GPU (after `after`: this step's last reads of its device state) and
+    return the function that adds the next step's forward of unit u on its new params, as soon as the
+    optimizer has made them. The head (unit `last`) is not run ahead: its forward and backward are one call
+    of the next step."""
+    if s.lookahead is None:
+        raise ValueError("_lookahead needs the next step's batch (StepInputs.lookahead)")
+    inputs, targets = s.lookahead
+    start = sched.add(
+        "gpu", "start_step", inputs, targets, s.micro_batch, s.step + 1, after=after, phase="forward"
+    )
+
+    def forward(u: int, params: SlotHandle, updates: Sequence[int]) -> list[int]:
+        if u == last:
+            return []
+        return [sched.add("gpu", "forward", u, params, after=[start, *updates], phase="forward", unit=u)]
+
+    return forward
 
 
 def _itemsize(dtype: str) -> int:

@@ -370,9 +370,10 @@ def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
     """The schedule the pipeline runs today (`fuyou_ray.schedule.build_step`) for this workload.
 
     It ignores the planner's schedule fields: every unit keeps its input and recomputes in backward, and
-    with clipping the gradients are logged and the optimizer runs after the last backward. It keeps the
-    plan's host cache (`cpu_cached_state`, `cpu_cached_params`, a "cpu" gradient log, write-through), which
-    the pipeline implements: see `host_cache_ops`. How the GPU actor executes its calls
+    with clipping the gradients are logged and the optimizer runs after the last backward, with the next
+    step's forward behind it (lookahead: the step modelled is a steady one, whose own forward ran ahead).
+    It keeps the plan's host cache (`cpu_cached_state`, `cpu_cached_params`, a "cpu" gradient log,
+    write-through), which the pipeline implements: see `host_cache_ops`. How the GPU actor executes its calls
     (actors/gpu_compute.py) is modelled too: on CUDA a forward / backward / head call returns once its
     params are copied in and leaves the compute queued on the device's stream, so the next call's copy
     overlaps it; `emit_grad` first waits for every compute queued so far, then copies the gradient out (as
@@ -393,6 +394,11 @@ def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
         lent_state=frozenset(plan.cpu_cached_state),
         state_range=plan.optimizer_range,
         grad_log_cached=plan.grad_log_tier == "cpu",
+        # A steady step with exact clipping (runtime.lookahead): its forward ran during the previous step's
+        # optimizer, and it runs the next one's. Its length is then the period from one commit to the next
+        # (or to the end of that forward, if later).
+        forward_done=w.clipping,
+        lookahead=(None, None) if w.clipping else None,
     )
     sched = host_cache_ops(build_step(w.spec, ring, inputs), plan, ring, w.num_units)
     return _device_streams(sched, w) if device == "cuda" else sched

@@ -48,15 +48,16 @@ class CollectiveMismatchError(RunStateError):
 class DPComputeActor(GPUComputeActor):
     """The GPU compute actor of one pipeline (name `fuyou:p<k>:gpu-compute`, one GPU each).
 
-    Differs from GPUComputeActor only in `start_step`: given `accum`, the loss is divided by the job's
-    micro-batch count instead of this pipeline's, so the pipelines' gradients sum to the single-pipeline
-    gradient term for term (each micro-batch's contribution is computed exactly as there).
+    Differs from GPUComputeActor only in `start_share` (its `start_step`): given `accum`, the loss is
+    divided by the job's micro-batch count instead of this pipeline's, so the pipelines' gradients sum to
+    the single-pipeline gradient term for term (each micro-batch's contribution is computed exactly as there).
     """
 
-    def start_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int, accum: int | None = None
+    def start_share(
+        self, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int, step: int, accum: int | None
     ) -> int:
-        local = super().start_step(inputs, targets, micro_batch)
+        """`start_step` with this pipeline's share of the batch; `accum`: the job's micro-batch count."""
+        local = self.start_step(inputs, targets, micro_batch, step)
         if accum is not None:
             self.accum = accum
         return local

@@ -75,7 +75,9 @@ def build_pipeline_step(
     clipping = s.max_grad_norm > 0
     p_size = DTYPES[s.param_dtype].itemsize
     sched.add("comm", "start_step", version, phase="forward")
-    start = sched.add("gpu", "start_step", s.inputs, s.targets, s.micro_batch, p.accum, phase="forward")
+    start = sched.add(
+        "gpu", "start_share", s.inputs, s.targets, s.micro_batch, s.step, p.accum, phase="forward"
+    )
     publishes: list[int] = []
     reduced: list[int] = []
     logged: dict[int, int] = {}  # unit -> op that wrote its gradient shard to SSD
