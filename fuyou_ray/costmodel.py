@@ -297,10 +297,13 @@ def account_step(
         # gradients and optimizer state
         g_bytes = units[u].numel * GRAD_BYTES
         d["d2h grads"] += g_bytes
-        if plan.grad_log_tier == "ssd":
+        # today's schedule does not log the last gradient out (unit 0, updated whole): the optimizer
+        # starts with it and takes it from its slot
+        logged = schedule != "current" or u != 0 or 0 < plan.optimizer_range < units[0].numel
+        if logged and plan.grad_log_tier == "ssd":
             d["ssd write grads"] += g_bytes
             d["ssd read grads"] += g_bytes
-        elif plan.grad_log_tier == "cpu" and schedule == "current":
+        elif logged and plan.grad_log_tier == "cpu" and schedule == "current":
             # a transient record: write-through leaves it in the cache too. The optimizer reads it in place
             # (CachedStore.view): copied into the cache, never back out.
             d["cache write grads"] += g_bytes

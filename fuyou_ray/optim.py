@@ -64,11 +64,6 @@ def clip_coefficient(max_norm: float, total_norm: torch.Tensor) -> float:
     return float(torch.clamp(coef, max=1.0))
 
 
-# Elements per block of `adamw_update_`: 18 bytes each (master, grad, two moments, a 16-bit param), so a
-# block is 4.5 MiB, which stays in L2 and L3 while the pool's threads scale, update and cast it.
-ADAM_BLOCK = 256 * 1024
-
-
 def adamw_update_(
     master: torch.Tensor,
     grad: torch.Tensor,
@@ -85,37 +80,31 @@ def adamw_update_(
     All tensors are 1-D views of the same element range. `grad` is first scaled in place by
     `grad_scale` (the clipping coefficient; 1.0 = none).
     `params_out` (any float dtype) receives the updated master weights, cast.
-
-    The range is processed in blocks of `ADAM_BLOCK` elements, each scaled, updated and cast while it is
-    in the CPU's caches: one pass over memory instead of three (scale, update, cast), which matters
-    because the update is bound by memory bandwidth. Every operation is elementwise, so the bits are
-    those of whole-range calls.
     """
+    if grad_scale != 1.0:
+        grad.mul_(grad_scale)
     step_t = torch.tensor(float(hp.step), dtype=torch.float32)
     decay_end = max(0, min(decay_end, master.numel()))
     for lo, hi, wd in ((0, decay_end, hp.weight_decay), (decay_end, master.numel(), 0.0)):
-        for a in range(lo, hi, ADAM_BLOCK):
-            b = min(hi, a + ADAM_BLOCK)
-            g = grad[a:b]
-            if grad_scale != 1.0:
-                g.mul_(grad_scale)
-            torch._fused_adamw_(
-                [master[a:b]],
-                [g],
-                [exp_avg[a:b]],
-                [exp_avg_sq[a:b]],
-                [],
-                [step_t],
-                lr=hp.lr,
-                beta1=hp.beta1,
-                beta2=hp.beta2,
-                weight_decay=wd,
-                eps=hp.eps,
-                amsgrad=False,
-                maximize=False,
-            )
-            if params_out is not None:
-                params_out[a:b].copy_(master[a:b])
+        if hi <= lo:
+            continue
+        torch._fused_adamw_(
+            [master[lo:hi]],
+            [grad[lo:hi]],
+            [exp_avg[lo:hi]],
+            [exp_avg_sq[lo:hi]],
+            [],
+            [step_t],
+            lr=hp.lr,
+            beta1=hp.beta1,
+            beta2=hp.beta2,
+            weight_decay=wd,
+            eps=hp.eps,
+            amsgrad=False,
+            maximize=False,
+        )
+    if params_out is not None:
+        params_out.copy_(master)
 
 
 def shard_ranges(numel: int, parts: int, align: int = 1024) -> list[tuple[int, int]]:

@@ -207,17 +207,25 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         return e, g_slot
 
     # 1. forward through every unit but the head (unless it ran ahead, in the previous step)
-    forward_reads: list[int] = []
+    lend_after: list[int] = []  # the forward's param reads, then the last lend (see _optimizer)
     for u in range(0 if s.forward_done else last):
         r, slot = read(u, RecordKind.PARAM, "forward")
-        forward_reads.append(r)
+        lend_after.append(r)
         f = sched.add("gpu", "forward", u, Ref(r), after=[start], phase="forward", unit=u)
         slots.consumed_by(slot, [f])
 
     # 2-3. head (forward + backward), then backward of the rest, in reverse. Unit u's gradient leaves the
     # device (emit_grad) only after unit u-1's backward was issued, so its D2H overlaps that compute.
+    direct: dict[int, tuple[int, SlotHandle]] = {}  # clipping: a gradient the optimizer takes from its slot
+
     def emit(u: int) -> None:
         numel = spec.units[u].numel
+        whole = len(state_ranges(numel, s.state_range)) == 1
+        if clipping and u == 0 and whole and u not in s.done_units:
+            # The last gradient out is not logged: the optimizer starts with this unit (forward order),
+            # right after the clipping coefficient, and takes it from its slot.
+            direct[u] = emit_range(u, 0, numel)
+            return
         if u in s.done_units or clipping:
             # A replay's done unit only lets go of its gradient; with clipping the gradient is logged.
             for lo, hi in state_ranges(numel, s.state_range):
@@ -240,7 +248,7 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
                 1.0,
                 read,
                 writes,
-                forward_reads,
+                lend_after,
             )
 
     for u in range(last, -1, -1):
@@ -267,6 +275,8 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
         for u in (u for u in range(last + 1) if u not in s.done_units):
 
             def read_log(lo: int, hi: int, u: int = u) -> tuple[int, SlotHandle | None]:
+                if u in direct:
+                    return direct[u]
                 # A range of the log is readable once the whole log record is staged (its last range).
                 if (lo, hi) == (0, spec.units[u].numel):
                     if s.grad_log_cached:
@@ -277,7 +287,7 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
                     return read(u, RecordKind.GRAD, "optimizer", after=logged[u])
                 return _read_range(sched, slots, u, RecordKind.GRAD, lo, hi, after=logged[u])
 
-            _optimizer(sched, slots, spec, s, u, read_log, Ref(coef), read, writes, forward_reads, ahead)
+            _optimizer(sched, slots, spec, s, u, read_log, Ref(coef), read, writes, lend_after, ahead)
 
     # 5. commit after every write
     # The commit takes the step's summary so it can refuse to publish a step whose loss is not finite.
@@ -297,7 +307,7 @@ def _optimizer(
     grad_scale: float | Ref,
     read: Any,
     writes: list[int],
-    lend_after: Sequence[int],
+    lend_after: list[int],
     ahead: Callable[[int, SlotHandle, Sequence[int]], list[int]] | None = None,
 ) -> None:
     """Unit u's update: AdamW over the pool, range by range (`state_ranges`; one range = the whole unit),
@@ -305,7 +315,10 @@ def _optimizer(
     `grad_range(lo, hi)` adds the op that puts G_u[lo:hi] into a slot, and returns it and the slot (None:
     the op lends the cached gradient log instead). Lends wait for `lend_after` (the forward's param reads):
     their copies would otherwise take the memory bandwidth and copy threads that the first forwards wait
-    on (the GPU started 0.36 s into the cached 13B-width step). `ahead(u, params_slot, updates)`, when
+    on (the GPU started 0.36 s into the cached 13B-width step). They also run one at a time, in the
+    optimizer's order (a chain: `lend_after` becomes the last lend): twelve lends at once held every call
+    thread of the SSD actor, so the backward's param reads and the gradient log's writes waited for them
+    (the optimizer started 0.47 s after the GPU was done). `ahead(u, params_slot, updates)`, when
     given, adds the ops that read the new params from their slot besides its write (the next step's
     forward) and returns them."""
     unit = spec.units[u]
@@ -326,6 +339,7 @@ def _optimizer(
                 unit=u,
                 nbytes=unit.numel * 4,
             )
+            lend_after[:] = [lent[kind]]
     p_out: SlotHandle | None = None
     p_fence: list[int] = []
 

@@ -11,7 +11,6 @@ import torch
 
 from fuyou_ray.config import OptimizerConfig
 from fuyou_ray.optim import (
-    ADAM_BLOCK,
     AdamWStep,
     adamw_update_,
     clip_coefficient,
@@ -308,30 +307,6 @@ def test_params_out_per_shard_equals_whole() -> None:
         )  # fmt: skip
     assert torch.equal(parts, whole)
     assert torch.equal(m, whole_master)
-
-
-def test_blocks_give_the_bits_of_whole_range_calls() -> None:
-    """adamw_update_ works block by block (ADAM_BLOCK elements, scale + update + cast while cached); the
-    result is that of one scale, one fused AdamW per decay part and one cast over the whole range."""
-    n = 2 * ADAM_BLOCK + 12_345  # two full blocks and a short one
-    decay_end = ADAM_BLOCK + 777  # the decay boundary inside a block
-    gen = torch.Generator().manual_seed(5)
-    master, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    m, v = torch.randn(n, generator=gen) * 0.1, torch.rand(n, generator=gen) * 0.01
-    mine = [t.clone() for t in (master, grad, m, v)]
-    out = torch.empty(n, dtype=torch.bfloat16)
-    step = hp(3, 1e-2)
-    adamw_update_(*mine, step, decay_end=decay_end, grad_scale=0.37, params_out=out)
-    grad.mul_(0.37)
-    for lo, hi, wd in ((0, decay_end, WD), (decay_end, n, 0.0)):
-        torch._fused_adamw_(
-            [master[lo:hi]], [grad[lo:hi]], [m[lo:hi]], [v[lo:hi]], [], [torch.tensor(3.0)],
-            lr=1e-2, beta1=BETAS[0], beta2=BETAS[1], weight_decay=wd, eps=EPS, amsgrad=False,
-            maximize=False,
-        )  # fmt: skip
-    for ours, theirs in zip(mine, (master, grad, m, v), strict=True):
-        assert torch.equal(ours, theirs)
-    assert torch.equal(out, master.to(torch.bfloat16))
 
 
 # ---------------------------------------------------------------------------------------------- shard_ranges
