@@ -96,10 +96,10 @@ class GPUComputeActor:
     the unit's gradient over micro-batches in fp32 on the device; `emit_grad(u)` copies it into a ring
     slot. Calls that read a ring slot return once the slot's bytes are on the device (the slot is free);
     `emit_grad` returns once the slot is filled; compute itself runs on asynchronously, so the schedule
-    overlaps it with the next unit's copies. With exact clipping the next step's `start_step` and forward
-    calls may come at the end of a step (after `step_summary`), fed from the optimizer's new-params slots;
-    that step then opens with `check_forward`. A restarted actor has lost the step's activations: the
-    driver replays the step from `start_step`.
+    overlaps it with the next unit's copies. With exact clipping the next step's `start_step`, forward
+    and head calls may come at the end of a step (after `step_summary`), fed from the optimizer's
+    new-params slots; that step then opens with `check_forward`. A restarted actor has lost the step's
+    activations: the driver replays the step from `start_step`.
     """
 
     def __init__(self, model: ModelConfig, ring: RingSpec, device: str, compute_dtype: str) -> None:
@@ -157,13 +157,16 @@ class GPUComputeActor:
         return self.accum
 
     def check_forward(self, step: int, *after: object) -> int:
-        """Open step `step` whose forward already ran (ahead, during the previous step's optimizer):
-        ForwardLostError unless this actor holds that forward's every unit output (a restart loses them)."""
-        held = [u for u in range(self.spec.num_units) if len(self.inputs[u]) == self.accum]
-        if self.step != step or len(held) != self.spec.num_units:
+        """Open step `step` whose forward and head already ran (ahead, during the previous step's
+        optimizer): ForwardLostError unless this actor holds what they left - every unit's input but the
+        head's, the head's gradient and the gradient it passes back (a restart loses them)."""
+        last = self.spec.num_units - 1
+        held = [u for u in range(last) if len(self.inputs[u]) == self.accum]
+        head = last in self.grads and len(self.grad_out) == self.accum
+        if self.step != step or len(held) != last or not head:
             raise ForwardLostError(
-                f"the GPU actor holds the forward of step {self.step + 1} with units {held}, not step "
-                f"{step + 1}'s: it was restarted between the steps. The driver runs the step again."
+                f"the GPU actor holds step {self.step + 1}'s forward of units {held} (head: {head}), not "
+                f"step {step + 1}'s: it was restarted between the steps. The driver runs the step again."
             )
         return self.accum
 

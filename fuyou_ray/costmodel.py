@@ -274,8 +274,8 @@ def account_step(
         d["h2d params"] += p_bytes if u in resident else visits * p_bytes
         if u not in resident:
             # the first visit takes the new P from the optimizer's slot: the planned next_forward, or
-            # today's lookahead (with clipping, the next forward of every unit but the head)
-            ahead = schedule == "current" and w.clipping and u != last
+            # today's lookahead (with clipping, the next step's forward and head run on the new params)
+            ahead = schedule == "current" and w.clipping
             from_opt = 1 if (overlap == "next_forward" and schedule == "planned") or ahead else 0
             tier = "cache" if u in cached_p else "ssd"
             d[f"{tier} read params"] += (visits - from_opt) * p_bytes

@@ -19,10 +19,11 @@ The step, with L units (embedding, blocks, head):
    (`lent_state`), W, m, v are lent instead: `lend` copies the cached version into a file for the new
    one (early, while the GPU computes), the optimizer updates it in place, `adopt` stages it.
    - exact clipping (max_grad_norm > 0): every G is logged to SSD during backward, because the clipping
-     coefficient needs all of them; the optimizer runs after the last backward, unit by unit in forward
-     order. Lookahead (`StepInputs.lookahead`): the next step's forward follows it on the GPU, unit u on
-     its new params straight from their slot, so the forward overlaps the optimizer (Fuyou); that step
-     then opens with `check_forward` (`forward_done`) and starts at its head.
+     coefficient needs all of them (but the last one out, unit 0's, which its update, the first, takes
+     from its slot); the optimizer runs after the last backward, unit by unit in forward order.
+     Lookahead (`StepInputs.lookahead`): the next step's forward and head follow it on the GPU, unit u on
+     its new params straight from their slot, so they overlap the optimizer (Fuyou); that step then
+     opens with `check_forward` (`forward_done`) and starts at its first backward.
    - no clipping: optimizer(u) consumes G_u straight from the ring, overlapping backward(u-1) (Fuyou).
    Once a unit's W, m, v, P are written, `publish` makes its update durable (so the SSD never holds two
    copies of more than the units in flight); a replay after a crash skips the units already published.
@@ -144,8 +145,8 @@ class StepInputs:
     # The host cache holds the gradient log (the plan's grad_log "cpu"): the optimizer reads it in place
     # (ssd.view) instead of through a copy into a ring slot.
     grad_log_cached: bool = False
-    # The GPU actor already ran this step's forward, ahead, during the previous step's optimizer: the step
-    # opens with gpu.check_forward instead of start_step and the forward.
+    # The GPU actor already ran this step's forward and head, ahead, during the previous step's optimizer:
+    # the step opens with gpu.check_forward instead of start_step, the forward and the head.
     forward_done: bool = False
     # The next step's (inputs, targets): with exact clipping its forward runs at the end of this step, unit
     # u as soon as the optimizer has made u's new params (from their slot, no read). None: not ahead.
@@ -252,6 +253,8 @@ def build_step(spec: ModelSpec, ring: RingSpec, s: StepInputs) -> StepSchedule:
             )
 
     for u in range(last, -1, -1):
+        if u == last and s.forward_done:
+            continue  # the head (its forward, loss and backward) ran ahead too
         r, p_slot = read(u, RecordKind.PARAM, "backward")
         method = "head" if u == last else "backward"
         b = sched.add("gpu", method, u, Ref(r), after=[start], phase="backward", unit=u)
@@ -501,8 +504,9 @@ def _lookahead(
 ) -> Callable[[int, SlotHandle, Sequence[int]], list[int]]:
     """Start the next step on the GPU (after `after`: this step's last reads of its device state) and
     return the function that adds the next step's forward of unit u on its new params, as soon as the
-    optimizer has made them. The head (unit `last`) is not run ahead: its forward and backward are one call
-    of the next step."""
+    optimizer has made them: for the head (unit `last`) its one call, forward, loss and backward. Its
+    gradient stays on the device until the next step emits it (after that step's first backward), since
+    only then may the next step's gradient log be written."""
     if s.lookahead is None:
         raise ValueError("_lookahead needs the next step's batch (StepInputs.lookahead)")
     inputs, targets = s.lookahead
@@ -511,9 +515,8 @@ def _lookahead(
     )
 
     def forward(u: int, params: SlotHandle, updates: Sequence[int]) -> list[int]:
-        if u == last:
-            return []
-        return [sched.add("gpu", "forward", u, params, after=[start, *updates], phase="forward", unit=u)]
+        method, phase = ("head", "backward") if u == last else ("forward", "forward")
+        return [sched.add("gpu", method, u, params, after=[start, *updates], phase=phase, unit=u)]
 
     return forward
 

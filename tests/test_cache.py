@@ -548,15 +548,15 @@ def test_an_interrupted_flush_leaves_the_previous_durable_state(
 
 def ssd_bytes_per_step(spec: ModelSpec, plan: Plan, clip: bool) -> tuple[int, int]:
     """SSD bytes (read, written) of a steady step of `plan` on the CPU fallback (fp32 params): params are
-    read twice (forward, backward; the head once; with clipping once, as the forward ran ahead on the
-    previous step's new params) and written once, state read and written, the gradient log written and
-    read back - except what the cache holds."""
+    read twice (forward, backward; the head once; with clipping once less, as the forward and the head
+    ran ahead on the previous step's new params) and written once, state read and written, the gradient
+    log written and read back - except what the cache holds."""
     read = written = 0
     last = spec.num_units - 1
     for u, unit in enumerate(spec.units):
         record = align_up(unit.numel * 4)
         if u not in plan.cpu_cached_params:
-            read += record * (1 if u == last or clip else 2)
+            read += record * ((1 if u == last else 2) - (1 if clip else 0))
             written += record
         elif plan.cache_write_through:
             written += record

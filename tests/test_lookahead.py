@@ -1,10 +1,10 @@
 """Lookahead: with exact clipping the next step's forward runs during this step's optimizer (Fuyou).
 
 The schedule: the optimizer goes through the units in forward order and the next step's forward of each
-unit (but the head) follows its update on the GPU, fed from the new params' ring slot; the next step then
-opens with `check_forward` and starts at its head. The driver: it is used between steps that nothing else
-separates, gives the same bits as the plain schedule, and a GPU actor that lost the forward (restarted
-between the steps) costs the step its own forward, nothing else.
+unit (and its head) follows the unit's update on the GPU, fed from the new params' ring slot; the next
+step then opens with `check_forward` and starts at its first backward. The driver: it is used between
+steps that nothing else separates, gives the same bits as the plain schedule, and a GPU actor that lost
+the forward (restarted between the steps) costs the step its own forward, nothing else.
 """
 
 from __future__ import annotations
@@ -71,18 +71,21 @@ def test_the_schedule_runs_the_next_forward_behind_the_optimizer(tmp_path: Path)
     ops = sched.ops
     calls = gpu_calls(sched)
     # Opens with check_forward: no forward of its own, no param read for one.
-    assert calls[0] == ("check_forward", -1) and ops[0].args == (3,)
-    assert not [op for op in ops if op.phase == "forward" and op.actor == "ssd"]
-    # The step's summary is read before the GPU takes the next batch; then the next forward, unit by unit.
+    # Opens with check_forward: no forward or head of its own, no param read for them; then the backward.
+    assert calls[:2] == [("check_forward", -1), ("backward", last - 1)] and ops[0].args == (3,)
+    reads = [op.unit for op in ops if op.method == "read" and op.args[0].endswith(".param")]
+    assert reads == list(range(last - 1, -1, -1))
+    # The step's summary is read before the GPU takes the next batch; then the next forward and head,
+    # unit by unit.
     begin = calls.index(("start_step", -1))
     assert set(calls[begin - 2 : begin]) == {("clip_coefficient", -1), ("step_summary", -1)}
     assert next(op for op in ops if op.method == "start_step").args[3] == 4  # the next step
-    assert calls[begin + 1 :] == [("forward", u) for u in range(last)]
+    assert calls[begin + 1 :] == [("forward", u) for u in range(last)] + [("head", last)]
     # The optimizer goes through the units in forward order; each forward waits for its unit's updates
     # and reads the new params from the slot they were written to (no read from the store).
     updated = [op.unit for op in ops if op.method == "update"]
     assert updated == sorted(updated)
-    for f in (op for op in ops if op.method == "forward"):
+    for f in (op for op in ops if op.method in ("forward", "head")):
         params = f.args[1]
         assert isinstance(params, SlotHandle) and params.tensor == record_name(f.unit, RecordKind.PARAM)
         assert params.version == 4
