@@ -290,17 +290,25 @@ def test_truncated_safetensors_is_refused_at_import_before_anything_is_written(t
 
 
 @pytest.fixture
-def poison(monkeypatch: pytest.MonkeyPatch, at_step: dict[str, int]) -> set[int]:
-    """0-based steps whose loss is made NaN (inside the compute actor, as a real overflow would be)."""
+def poison(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """0-based steps whose loss is made NaN (inside the compute actor, as a real overflow would be). The
+    step is the one whose batch the compute actor holds: with lookahead a step's head runs while the
+    driver is still in the step before."""
     import actors.gpu_compute as gpu
 
     steps: set[int] = set()
-    real = gpu.lm_loss
+    real_loss, real_head = gpu.lm_loss, gpu.GPUComputeActor.head
+    holds = {"step": -1}
+
+    def head(self: gpu.GPUComputeActor, *args: Any) -> int:
+        holds["step"] = self.step
+        return real_head(self, *args)
 
     def loss(*args: Any) -> torch.Tensor:
-        value = real(*args)
-        return value * math.nan if at_step["step"] in steps else value
+        value = real_loss(*args)
+        return value * math.nan if holds["step"] in steps else value
 
+    monkeypatch.setattr(gpu.GPUComputeActor, "head", head)
     monkeypatch.setattr(gpu, "lm_loss", loss)
     return steps
 
