@@ -305,9 +305,20 @@ class Supervisor:
         )
 
     def _roll_back(self, step: int | None, timeout_s: float = 60) -> None:
-        """Drop what a failed attempt staged (best effort: the error that stops the run matters more)."""
-        with contextlib.suppress(Exception):
-            self.ex.ask("ssd", "rollback", timeout_s=timeout_s)
+        """Drop what a failed attempt staged (best effort: the error that stops the run matters more).
+
+        An SSD actor that is still restarting refuses calls (ActorUnavailableError); it is asked again
+        until `timeout_s`, because its restart is what removes the files its dead predecessor staged (the
+        store's open) - a stop that did not wait for it would leave them on the SSD."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.ex.ask("ssd", "rollback", timeout_s=max(1.0, deadline - time.monotonic()))
+                return
+            except Exception as exc:
+                if not self.ex.is_actor_failure(exc) or time.monotonic() >= deadline:
+                    return
+                time.sleep(0.2)
 
 
 def _one_line(exc: BaseException) -> str:
