@@ -1,4 +1,4 @@
-"""The CPU optimizer actor: fused AdamW over an element range of a unit's ring slots (one of a pool)."""
+"""The CPU optimizer actor: AdamW over an element range of a unit's ring slots (one of a pool)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import os
 import torch
 
 from fuyou_ray.cache import LentRecord, LentViews
+from fuyou_ray.cpu_adam import HostAdamW, KernelMode
 from fuyou_ray.errors import NonFiniteStepError
 from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
-from fuyou_ray.optim import AdamWStep, adamw_update_
+from fuyou_ray.optim import AdamWStep
 from fuyou_ray.ring import RingMapping, RingSpec, SlotHandle
 from fuyou_ray.timeline import Span, Timeline
 
@@ -18,7 +19,8 @@ from fuyou_ray.timeline import Span, Timeline
 class CPUOptimizerActor:
     """One member of the optimizer pool (named `fuyou:cpu-opt-<rank>`).
 
-    Owns nothing but a ring mapping and its torch thread count. `update` runs AdamW in place on the slots
+    Owns a ring mapping, its thread count and its AdamW (`HostAdamW`: the host kernel on those threads,
+    or torch's fused AdamW where the kernel is unavailable). `update` runs AdamW in place on the slots
     holding a unit's master weights, moments and gradient - only the [lo, hi) element range it is given,
     so the pool shares one unit without copies - and writes the new compute-dtype params into `params`.
     Stateless between calls, so a restarted actor simply continues. `update` is not idempotent (it updates
@@ -26,7 +28,7 @@ class CPUOptimizerActor:
     step, which reads the state into the slots afresh.
     """
 
-    def __init__(self, ring: RingSpec, rank: int, threads: int) -> None:
+    def __init__(self, ring: RingSpec, rank: int, threads: int, adam_kernel: KernelMode = "auto") -> None:
         self.log = setup_logging(f"cpu-opt-{rank}")
         self.memory = MemoryMeter(f"cpu-opt-{rank}")
         self.rank = rank
@@ -34,6 +36,8 @@ class CPUOptimizerActor:
             torch.set_num_threads(threads)
         self.ring = RingMapping(ring)
         self.lent = LentViews()
+        self.adamw = HostAdamW(threads or torch.get_num_threads(), adam_kernel)
+        self.log.info("AdamW: %s on %d thread(s)", self.adamw.reason, self.adamw.threads)
         self.timeline = Timeline()
         self.elements = 0
 
@@ -96,7 +100,7 @@ class CPUOptimizerActor:
                 w, m, v = (self.lent.view(h, lo, hi) for h in (master, exp_avg, exp_avg_sq))
             else:
                 raise TypeError("update: master, exp_avg and exp_avg_sq must all be slots or all lent")
-            adamw_update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
+            self.adamw.update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
         self.elements += hi - lo
         return hi - lo
 
@@ -113,5 +117,6 @@ class CPUOptimizerActor:
         self.memory.reset()
 
     def shutdown(self) -> None:
+        self.adamw.close()
         self.lent.close()
         self.ring.close()

@@ -29,9 +29,11 @@ from typing import Any
 import torch
 
 from fuyou_ray.config import RunConfig
+from fuyou_ray.cpu_adam import HostAdamW, KernelMode
 from fuyou_ray.errors import RunStateError
 from fuyou_ray.models import ModelSpec
-from fuyou_ray.optim import AdamWStep, adamw_update_
+from fuyou_ray.optim import AdamWStep
+from fuyou_ray.ring import DTYPES
 
 
 @dataclass(frozen=True)
@@ -103,15 +105,25 @@ def measure_ssd(cfg: RunConfig, nbytes: int, seconds: float) -> tuple[float, flo
     )
 
 
-def measure_adam(numel: int, threads: int) -> float:
-    """Fused AdamW params/s on one optimizer actor's thread count."""
+def measure_adam(
+    numel: int, threads: int, param_dtype: str = "bfloat16", kernel: KernelMode = "auto"
+) -> float:
+    """AdamW params/s as one optimizer actor runs it (HostAdamW on its thread count, clipping scale on)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
+    adamw = HostAdamW(threads, kernel)
     try:
-        w, g, m, v, p = (torch.randn(numel) for _ in range(5))
+        w, g, m, v = (torch.randn(numel) for _ in range(4))
+        v.abs_()
+        p = torch.empty(numel, dtype=DTYPES[param_dtype])
         hp = AdamWStep(1, 1e-4, 0.9, 0.95, 1e-8, 0.1)
-        seconds = _time(lambda: adamw_update_(w, g, m, v, hp, decay_end=numel, params_out=p), 3, lambda: None)
+        seconds = _time(
+            lambda: adamw.update_(w, g, m, v, hp, decay_end=numel, grad_scale=0.5, params_out=p),
+            3,
+            lambda: None,
+        )
     finally:
+        adamw.close()
         torch.set_num_threads(previous)
     return numel / seconds
 
@@ -153,7 +165,7 @@ def measure_rates(
     gpu = measure_gpu(cfg, spec, device, dtype)
     h2d, d2h = measure_pcie(min(largest * 4, 1 << 30))
     ssd = measure_ssd(cfg, min(largest * 4, 256 << 20), SSD_STREAM_SECONDS)
-    adam = measure_adam(min(largest, 64 << 20), threads) * pool
+    adam = measure_adam(min(largest, 64 << 20), threads, param_dtype, cfg.runtime.adam_kernel) * pool
     notes: list[str] = []
     cache_threads = copy_threads(cfg.runtime.cache_threads)
     # Four calls at once of the run's largest fp32 record (at most 1 GiB): the copy rate depends on the size.

@@ -241,6 +241,9 @@ class RuntimeConfig:
     whole unit's fp32 state (a 175B-width block is 7 GB per fp32 record). 0 = only when cpu_mem needs it.
     `lookahead: true` (with exact clipping) runs the next step's forward during this step's optimizer, each
     unit as soon as its new params exist (the optimizer then goes through the units in forward order).
+    `adam_kernel: auto` runs AdamW in the host kernel (fuyou_ray/cpu_adam.py: one pass over memory instead
+    of three, compiled with the system C compiler and used only where it reproduces torch bit for bit);
+    `torch` always takes torch's fused AdamW.
     `data_parallel: N` runs N pipelines, each on 1/N of the global batch (docs: README, Data parallelism).
     """
 
@@ -259,6 +262,7 @@ class RuntimeConfig:
     cache_threads: int = 0
     optimizer_range: int = 0
     lookahead: bool = True
+    adam_kernel: Literal["auto", "torch"] = "auto"
     # Pipelines (GPU compute + SSD I/O + optimizer pool each, one per GPU) that split every step's batch;
     # gradients are summed across them and each holds 1/N of the optimizer state (fuyou_ray/parallel/).
     data_parallel: int = 1

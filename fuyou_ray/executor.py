@@ -64,7 +64,7 @@ def construct(role: str, setup: ActorSetup) -> tuple[type, tuple[Any, ...]]:
             cache_spec(plan, setup.ring, cfg.runtime.cache_flush_every, cfg.runtime.cache_threads),
         )
     if role.startswith("opt"):
-        return CPUOptimizerActor, (setup.ring, int(role[3:]), plan.optimizer_threads)
+        return CPUOptimizerActor, (setup.ring, int(role[3:]), plan.optimizer_threads, cfg.runtime.adam_kernel)
     raise ValueError(f"unknown actor role {role!r}")
 
 

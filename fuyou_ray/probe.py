@@ -9,7 +9,8 @@ What it measures, each the way the pipeline will see it:
 - SSD: the project's own `SSDTensorStore` (O_DIRECT where the filesystem allows it, CRC-32 checksums,
   4 MiB requests from a thread pool) writing and reading a record of `ssd_file_mib`, at each queue depth
   (= io_threads), in each directory alone and striped over all of them, and reads + writes at once.
-- CPU optimizer: fuyou_ray.optim.adamw_update_ (torch's fused AdamW) by thread count.
+- CPU optimizer: the actors' AdamW (fuyou_ray.cpu_adam.HostAdamW, clipping scale and bf16 params out) by
+  thread count.
 - host cache: the SSD actor's copies between /dev/shm cache files and ring slots (fuyou_ray/cache.py's
   HostCache, as CachedStore uses it), reads and writes at once with the actor's concurrency.
 - memory: host RAM, /dev/shm, device memory.
@@ -478,7 +479,8 @@ def _host_memory() -> int:
 def probe_cpu(
     melements: int, log: Callable[[str], None], notes: list[str], threads: Sequence[int] = ()
 ) -> CPUProfile:
-    from fuyou_ray.optim import AdamWStep, adamw_update_
+    from fuyou_ray.cpu_adam import HostAdamW
+    from fuyou_ray.optim import AdamWStep
 
     cores = os.cpu_count() or 1
     n = melements * 1_000_000
@@ -491,11 +493,19 @@ def probe_cpu(
     try:
         for t in counts:
             torch.set_num_threads(t)
-            secs = _time(
-                lambda: adamw_update_(w, g, m, v, hp, decay_end=n // 2, params_out=out), "cpu", iters=3
-            )
+            adamw = HostAdamW(t)
+            try:
+                secs = _time(
+                    lambda a=adamw: a.update_(  # type: ignore[misc]
+                        w, g, m, v, hp, decay_end=n // 2, grad_scale=0.5, params_out=out
+                    ),
+                    "cpu",
+                    iters=3,
+                )
+            finally:
+                adamw.close()
             rates.append(AdamRate(t, _sig(n / secs / 1e9)))
-            log(f"cpu: fused AdamW on {t} thread(s): {n / secs / 1e9:.3f} Gparam/s")
+            log(f"cpu: AdamW ({adamw.reason}) on {t} thread(s): {n / secs / 1e9:.3f} Gparam/s")
     finally:
         torch.set_num_threads(before)
     try:

@@ -234,7 +234,7 @@ class SSDProfile:
 
 @dataclass(frozen=True)
 class AdamRate:
-    """torch's fused AdamW (fuyou_ray.optim.adamw_update_) on `threads` threads of one process."""
+    """The optimizer actors' AdamW (fuyou_ray.cpu_adam.HostAdamW) on `threads` threads of one process."""
 
     threads: int
     gparams_per_s: float

@@ -161,7 +161,7 @@ class PipelinesExecutor(RayExecutor):
                     self.handles[opt] = (
                         ray.remote(CPUOptimizerActor)
                         .options(**options(opt, p.rank, num_cpus=pool_cpus))
-                        .remote(ring, j, pl.optimizer_threads)
+                        .remote(ring, j, pl.optimizer_threads, cfg.runtime.adam_kernel)
                     )
             for handle in self.handles.values():
                 ray.get(handle.__ray_ready__.remote(), timeout=max(1.0, deadline - time.monotonic()))
