@@ -300,13 +300,10 @@ class HostCache:
         try:
             st = os.fstat(fd)
             key, nbytes = (st.st_dev, st.st_ino), st.st_size
-            with self._lock:
-                src = self._maps.get(key)
-            if src is None or src.nbytes != nbytes:
+            src = self._pinned(key, nbytes)
+            if src is None:
                 self._forget(key)  # (another size: that mapping no longer fits the file)
-                src = _KeptMapping(fd, nbytes)
-                with self._lock:
-                    self._maps[key] = src
+                src = self._keep(key, _KeptMapping(fd, nbytes))
         finally:
             os.close(fd)
         lent = self.lent_path(name, new_version)
@@ -315,7 +312,10 @@ class HostCache:
         def copy(kept: _KeptMapping) -> None:
             self._run(functools.partial(_copy_chunk, kept.array, src.array), nbytes, name)
 
-        self._produce(name, tmp, nbytes, copy, start_from=lent)
+        try:
+            self._produce(name, tmp, nbytes, copy, start_from=lent)
+        finally:
+            self._unpin(src)
         os.replace(tmp, lent)
         with self._lock:
             self.bytes_lent += nbytes
@@ -351,14 +351,13 @@ class HostCache:
         recycled = recycled or self._take_free(name, tmp)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if recycled else os.O_TRUNC), 0o600)
         key = (-1, -1)
+        kept: _KeptMapping | None = None
         try:
             st = os.fstat(fd)
             key, had = (st.st_dev, st.st_ino), st.st_size
-            with self._lock:
-                kept = self._maps.get(key) if recycled else None
-            if kept is None or kept.nbytes != nbytes:
+            kept = self._pinned(key, nbytes) if recycled else None
+            if kept is None:
                 self._forget(key)  # (another size: that mapping no longer fits the file)
-                kept = None
                 if had != nbytes:
                     os.ftruncate(fd, nbytes)
                 if nbytes and (not recycled or nbytes > had):
@@ -368,9 +367,7 @@ class HostCache:
                         raise _cache_io_error(exc, name) from exc
             if nbytes:
                 if kept is None:
-                    kept = _KeptMapping(fd, nbytes)
-                    with self._lock:
-                        self._maps[key] = kept
+                    kept = self._keep(key, _KeptMapping(fd, nbytes))
                 fill(kept)
         except BaseException:
             self._forget(key)
@@ -378,6 +375,8 @@ class HostCache:
             raise
         finally:
             os.close(fd)
+            if kept is not None:
+                self._unpin(kept)
 
     def read(self, name: str, version: int, dest: memoryview) -> bool:
         """Copy version `version` of `name` into `dest`; False when the cache does not hold it."""
@@ -455,9 +454,39 @@ class HostCache:
         self._forget_missing()
         return len(doomed)
 
+    def _pinned(self, key: tuple[int, int], nbytes: int) -> _KeptMapping | None:
+        """The kept mapping of inode `key` if it maps `nbytes`, pinned (see `_unpin`); else None."""
+        with self._lock:
+            kept = self._maps.get(key)
+            if kept is None or kept.nbytes != nbytes:
+                return None
+            kept.users += 1
+            return kept
+
+    def _keep(self, key: tuple[int, int], kept: _KeptMapping) -> _KeptMapping:
+        """Keep a new mapping of inode `key`, pinned."""
+        with self._lock:
+            kept.users += 1
+            self._maps[key] = kept
+        return kept
+
+    def _unpin(self, kept: _KeptMapping) -> None:
+        """A copy through `kept` is done: close it if it was forgotten meanwhile."""
+        with self._lock:
+            kept.users -= 1
+            close = kept.forgotten and kept.users == 0
+        if close:
+            kept.close()
+
     def _forget(self, key: tuple[int, int]) -> None:
+        """Drop the kept mapping of inode `key`. One that a copy still uses closes when the copy is done:
+        the commit's `keep_only` scans /dev/shm while other threads rename files (tmp -> version -> .free),
+        and a scan can miss a file mid-rename, so a live file's mapping may be forgotten under a copy."""
         with self._lock:
             kept = self._maps.pop(key, None)
+            if kept is not None and kept.users:
+                kept.forgotten = True
+                kept = None
         if kept is not None:
             kept.close()
 
@@ -526,6 +555,8 @@ class _KeptMapping:
 
     def __init__(self, fd: int, nbytes: int) -> None:
         self.nbytes = nbytes
+        self.users = 0  # copies running through it (HostCache pins it for each)
+        self.forgotten = False  # dropped from the cache's mappings while pinned: close at the last unpin
         self.mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         self.array: np.ndarray = np.frombuffer(self.mm, dtype=np.uint8)
 

@@ -387,6 +387,31 @@ def test_writes_into_recycled_pages_reuse_their_kept_mapping(prefix: str) -> Non
         cache.close()
 
 
+def test_a_mapping_forgotten_under_a_copy_closes_when_the_copy_is_done(prefix: str) -> None:
+    """The commit's scan of /dev/shm can miss a file that another thread is renaming, and forget its
+    kept mapping while a lend copies through it (the H100 box saw "_KeptMapping has no attribute array"):
+    a pinned mapping stays open until its copy unpins it; the lend then reads back what it copied."""
+    cache = HostCache(prefix, threads=2)
+    name = "u00000.master"
+    data = torch.arange(2**20, dtype=torch.float32)
+    try:
+        cache.write(name, 1, buffer_of(data))
+        st = cache.path(name, 1).stat()
+        key = (st.st_dev, st.st_ino)
+        src = cache._pinned(key, st.st_size)
+        assert src is not None
+        cache._forget(key)  # as a scan that missed the file would
+        assert key not in cache._maps and src.array.nbytes == st.st_size, "closed under its copy"
+        cache._unpin(src)
+        assert not hasattr(src, "array"), "a forgotten mapping must close at its last unpin"
+        lent = Path(cache.lend(name, 1, 2))  # maps the source afresh
+        assert torch.equal(torch.from_file(str(lent), size=2**20, dtype=torch.float32), data)
+        kept = cache._maps[key]
+        assert kept.users == 0 and not kept.forgotten, "lend must unpin what it pinned"
+    finally:
+        cache.close()
+
+
 def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_slots(prefix: str) -> None:
     """ssd.lend + opt.update + ssd.adopt, at the level of their parts: the new version, updated in place
     in the lent copy (with the gradient from a slot, or read in place from the cache), equals AdamW on
