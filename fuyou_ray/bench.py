@@ -4,7 +4,7 @@ One run (one process) does everything, so every figure in the table comes from t
 1. component rates for this config's shapes: GPU TFLOPS of plain in-GPU PyTorch training (forward +
    backward) of one block - also the peer the pipeline is compared with -, PCIe H2D / D2H from pinned
    memory, SSD read / write / both at once through the project's own store at the pipeline's request size
-   and queue depth, and CPU fused AdamW Gparam/s with the pool's thread count;
+   and queue depth, and CPU AdamW Gparam/s (the actors' HostAdamW) with the pool's thread count;
 2. warm-up steps, then N measured steps of the real pipeline (Ray actors, ring, store);
 3. the work one step does (FLOPs incl. recompute, PCIe bytes, SSD bytes counted by the SSD actor - the
    median step's, so a step after a start that reads a cold host cache and the end's flush of a write-back
@@ -326,7 +326,7 @@ def format_table(r: dict[str, Any]) -> str:
         f"{rates['ssd_write'] / 1e9:.2f} GB/s",
         f"  SSD read + write at once                   {rates['ssd_read_mixed'] / 1e9:9.2f} + "
         f"{rates['ssd_write_mixed'] / 1e9:.2f} GB/s",
-        f"  CPU fused AdamW (pool)                     {rates['adam_params'] / 1e9:9.2f} Gparam/s",
+        f"  CPU AdamW (pool)                           {rates['adam_params'] / 1e9:9.2f} Gparam/s",
         f"  host cache <-> ring copies (both at once)  {rates.get('cache_copy', 0) / 1e9:9.2f} GB/s",
         f"  Ray actor call (pipelined)                 {rates['ray_call_s'] * 1e3:9.3f} ms",
         "one step:",

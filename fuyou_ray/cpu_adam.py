@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -376,8 +376,17 @@ class HostAdamW:
             for lo, hi in pieces:
                 run(lo, hi)
             return
-        for future in [self._pool.submit(run, lo, hi) for lo, hi in pieces]:
-            future.result()
+        futures = [self._pool.submit(run, lo, hi) for lo, hi in pieces]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            # (Ctrl-C in an in-process run): pieces still running write into the caller's buffers, which
+            # its shutdown may unmap next; let them finish first
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise
 
     def close(self) -> None:
         if self._pool is not None:
