@@ -62,7 +62,8 @@ class CPUOptimizerActor:
         it (scale 1) the gradient range itself is checked - one summing pass, which any NaN or inf poisons.
 
         The state comes either in ring slots (updated in place) or as records the host cache lent
-        (`LentRecord`: the new version's file, a copy of the version the step reads, updated in place).
+        (`LentRecord`: the new version's file, either a copy of the version the step reads, updated in
+        place, or, lent without the copy, written from that version's file, which is only read).
         The gradient comes in a slot or, when the host cache holds the step's gradient log, as the log's
         cache file, read in place (`CachedStore.view`).
         """
@@ -85,6 +86,7 @@ class CPUOptimizerActor:
             raise NonFiniteStepError(
                 f"{grad_label}: non-finite gradient (clip coefficient {grad_scale}); unit not updated"
             )
+        source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         with self.timeline.span("cpu adam", label, (hi - lo) * 4):
             if (
                 isinstance(master, SlotHandle)
@@ -98,9 +100,17 @@ class CPUOptimizerActor:
                 and isinstance(exp_avg_sq, LentRecord)
             ):
                 w, m, v = (self.lent.view(h, lo, hi) for h in (master, exp_avg, exp_avg_sq))
+                if master.source:  # lent without a copy: read the version the step read, write the new one
+                    source = (
+                        self.lent.view_source(master, lo, hi),
+                        self.lent.view_source(exp_avg, lo, hi),
+                        self.lent.view_source(exp_avg_sq, lo, hi),
+                    )
             else:
                 raise TypeError("update: master, exp_avg and exp_avg_sq must all be slots or all lent")
-            self.adamw.update_(w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p)
+            self.adamw.update_(
+                w, g, m, v, hp, decay_end=decay_end - lo, grad_scale=grad_scale, params_out=p, source=source
+            )
         self.elements += hi - lo
         return hi - lo
 

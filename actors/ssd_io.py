@@ -146,14 +146,16 @@ class SSDIOActor:
             )
         return slot.nbytes
 
-    def lend(self, name: str, version: int, *after: object) -> LentRecord:
+    def lend(self, name: str, version: int, copy: bool, *after: object) -> LentRecord:
         """Lend cached record `name` to the optimizer, which updates a copy in a cache file into version
-        `version` (CachedStore.lend); `adopt` then stages that version."""
+        `version` (CachedStore.lend), or with `copy=False` writes that version into the file from the
+        version read (the host kernel's out-of-place AdamW); `adopt` then stages that version."""
         with self._io():
             start = time.time()
-            lent = self.store.lend(name, version)
-            nbytes = lent.numel * DTYPES[lent.dtype].itemsize
-            self.timeline.add(Span("cache write", name, start, time.time(), nbytes))
+            lent = self.store.lend(name, version, copy=copy)
+            if copy:
+                nbytes = lent.numel * DTYPES[lent.dtype].itemsize
+                self.timeline.add(Span("cache write", name, start, time.time(), nbytes))
         return lent
 
     def view(self, name: str, *after: object) -> LentRecord:

@@ -53,39 +53,55 @@ static inline uint16_t to_bf16(float x) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-static inline __attribute__((always_inline)) void body(float *restrict w, const float *restrict g, float *restrict m, float *restrict v,
-                        int64_t lo, int64_t hi, const fy_adamw_hp *hp, const int m_mode, const int v_mode,
-                        const int w_fma) {
-    const float scale = hp->grad_scale, decay = hp->decay, b1 = hp->beta1, c1 = hp->lerp_weight;
+/* One element: the new w, m, v from the gradient and the old ones. */
+static inline __attribute__((always_inline)) void elem(float gi, float wi, float mi, float vi,
+                                                        const fy_adamw_hp *hp, const int m_mode,
+                                                        const int v_mode, const int w_fma, float *wo,
+                                                        float *mo, float *vo) {
+    const float decay = hp->decay, b1 = hp->beta1, c1 = hp->lerp_weight;
     const float b2 = hp->beta2, c2 = hp->c2, bc2 = hp->bc2_sqrt, eps = hp->eps, nss = hp->neg_step_size;
     /* torch's lerp: a small weight steps from m towards g, a large one back from g towards m */
     const int small = fabsf(c1) < 0.5f;
     const float coeff = small ? c1 : c1 - 1.0f;
-    /* Branch-free, so that it vectorises: x * 1 and fma(w, 1, s) are exact, so a scale or decay of 1
-       computes what skipping them would. */
-    for (int64_t i = lo; i < hi; i++) {
-        float gi = g[i] * scale;
-        float mi = m[i];
-        float base = small ? mi : gi;
-        if (m_mode == 0) mi = fmaf(coeff, gi - mi, base);
-        else if (m_mode == 1) mi = base + coeff * (gi - mi);
-        else if (m_mode == 2) mi = mi * b1 + gi * c1;
-        else if (m_mode == 3) mi = fmaf(mi, b1, gi * c1);
-        else mi = fmaf(gi, c1, mi * b1);
-        float vi = v[i], cg = c2 * gi, gg = gi * gi;
-        if (v_mode == 0) vi = vi * b2 + cg * gi;
-        else if (v_mode == 1) vi = fmaf(cg, gi, vi * b2);
-        else if (v_mode == 2) vi = fmaf(vi, b2, cg * gi);
-        else if (v_mode == 3) vi = vi * b2 + gg * c2;
-        else if (v_mode == 4) vi = fmaf(gg, c2, vi * b2);
-        else vi = fmaf(vi, b2, gg * c2);
-        float denom = sqrtf(vi) / bc2 + eps;
-        float step = (nss * mi) / denom;
-        float wi = w_fma ? fmaf(w[i], decay, step) : w[i] * decay + step;
-        w[i] = wi;
-        m[i] = mi;
-        v[i] = vi;
-    }
+    float base = small ? mi : gi;
+    if (m_mode == 0) mi = fmaf(coeff, gi - mi, base);
+    else if (m_mode == 1) mi = base + coeff * (gi - mi);
+    else if (m_mode == 2) mi = mi * b1 + gi * c1;
+    else if (m_mode == 3) mi = fmaf(mi, b1, gi * c1);
+    else mi = fmaf(gi, c1, mi * b1);
+    float cg = c2 * gi, gg = gi * gi;
+    if (v_mode == 0) vi = vi * b2 + cg * gi;
+    else if (v_mode == 1) vi = fmaf(cg, gi, vi * b2);
+    else if (v_mode == 2) vi = fmaf(vi, b2, cg * gi);
+    else if (v_mode == 3) vi = vi * b2 + gg * c2;
+    else if (v_mode == 4) vi = fmaf(gg, c2, vi * b2);
+    else vi = fmaf(vi, b2, gg * c2);
+    float denom = sqrtf(vi) / bc2 + eps;
+    float step = (nss * mi) / denom;
+    *wo = w_fma ? fmaf(wi, decay, step) : wi * decay + step;
+    *mo = mi;
+    *vo = vi;
+}
+
+/* Branch-free loops, so that they vectorise: x * 1 and fma(w, 1, s) are exact, so a scale or decay of 1
+   computes what skipping them would. In place, and out of place (the old state read from one buffer, the
+   new one written to another: the host cache lends the version read and a file for the new version). */
+static inline __attribute__((always_inline)) void body(float *restrict w, const float *restrict g,
+                                                        float *restrict m, float *restrict v, int64_t lo,
+                                                        int64_t hi, const fy_adamw_hp *hp, const int m_mode,
+                                                        const int v_mode, const int w_fma) {
+    const float scale = hp->grad_scale;
+    for (int64_t i = lo; i < hi; i++)
+        elem(g[i] * scale, w[i], m[i], v[i], hp, m_mode, v_mode, w_fma, &w[i], &m[i], &v[i]);
+}
+
+static inline __attribute__((always_inline)) void body_oop(
+    float *restrict w, const float *restrict g, float *restrict m, float *restrict v,
+    const float *restrict w0, const float *restrict m0, const float *restrict v0, int64_t lo, int64_t hi,
+    const fy_adamw_hp *hp, const int m_mode, const int v_mode, const int w_fma) {
+    const float scale = hp->grad_scale;
+    for (int64_t i = lo; i < hi; i++)
+        elem(g[i] * scale, w0[i], m0[i], v0[i], hp, m_mode, v_mode, w_fma, &w[i], &m[i], &v[i]);
 }
 
 static void cast_bf16(const float *restrict w, uint16_t *restrict p, int64_t lo, int64_t hi) {
@@ -99,14 +115,20 @@ static void params_out(const float *w, void *p, int p_kind, int64_t lo, int64_t 
         memcpy((float *)p + lo, w + lo, (size_t)(hi - lo) * sizeof(float));
 }
 
-/* one copy of the loop per variant, each with constant modes, so the compiler vectorises each */
+/* one copy of each loop per variant, each with constant modes, so the compiler vectorises each */
 #define W_CASES(mm, vm) \
-    case (mm) | (vm) << 3: body(w, g, m, v, lo, hi, hp, mm, vm, 0); break; \
-    case (mm) | (vm) << 3 | 1 << 6: body(w, g, m, v, lo, hi, hp, mm, vm, 1); break;
+    case (mm) | (vm) << 3: \
+        if (w0) body_oop(w, g, m, v, w0, m0, v0, lo, hi, hp, mm, vm, 0); \
+        else body(w, g, m, v, lo, hi, hp, mm, vm, 0); \
+        break; \
+    case (mm) | (vm) << 3 | 1 << 6: \
+        if (w0) body_oop(w, g, m, v, w0, m0, v0, lo, hi, hp, mm, vm, 1); \
+        else body(w, g, m, v, lo, hi, hp, mm, vm, 1); \
+        break;
 #define V_CASES(mm) W_CASES(mm, 0) W_CASES(mm, 1) W_CASES(mm, 2) W_CASES(mm, 3) W_CASES(mm, 4) W_CASES(mm, 5)
 
-static int update(float *w, const float *g, float *m, float *v, int64_t lo, int64_t hi, const fy_adamw_hp *hp,
-                  int variant) {
+static int update(float *w, const float *g, float *m, float *v, const float *w0, const float *m0,
+                  const float *v0, int64_t lo, int64_t hi, const fy_adamw_hp *hp, int variant) {
     switch (variant) {
         V_CASES(0) V_CASES(1) V_CASES(2) V_CASES(3) V_CASES(4)
     default: return -1;
@@ -114,15 +136,16 @@ static int update(float *w, const float *g, float *m, float *v, int64_t lo, int6
     return 0;
 }
 
-/* AdamW on elements [lo, hi); the new weights also go to `p` as bf16 (p_kind 1) or fp32 (2); p_kind 0: no
+/* AdamW on elements [lo, hi): in place on w, m, v, or, when w0 is not NULL, from the old state w0, m0, v0
+   (other buffers) into w, m, v. The new weights also go to `p` as bf16 (p_kind 1) or fp32 (2); p_kind 0: no
    params out. Block by block, so that the params are written from weights still in the L1 cache. Returns
    0, or -1 for an unknown variant (nothing updated). */
-int fy_adamw(float *w, const float *g, float *m, float *v, void *p, int p_kind, int64_t lo, int64_t hi,
-             const fy_adamw_hp *hp, int variant) {
+int fy_adamw(float *w, const float *g, float *m, float *v, const float *w0, const float *m0, const float *v0,
+             void *p, int p_kind, int64_t lo, int64_t hi, const fy_adamw_hp *hp, int variant) {
     const int64_t block = 2048;
     for (int64_t b = lo; b < hi; b += block) {
         int64_t e = b + block < hi ? b + block : hi;
-        if (update(w, g, m, v, b, e, hp, variant) != 0) return -1;
+        if (update(w, g, m, v, w0, m0, v0, b, e, hp, variant) != 0) return -1;
         params_out(w, p, p_kind, b, e);
     }
     return 0;

@@ -43,6 +43,7 @@ import logging
 import mmap
 import os
 import threading
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -118,7 +119,10 @@ class LentRecord:
     cache file, one copy within the cache, made while the GPU still computes: the optimizer phase then
     ends with the update, not with the writes. `CachedStore.view` lends a record to read only (the
     step's gradient log): `target` is then the cached file of the version the step reads, `version` its
-    version, and nothing is adopted."""
+    version, and nothing is adopted. A lend without the copy (`copy=False`, for the optimizer's
+    out-of-place host kernel) leaves `target` unfilled and names the version read in `source`: the
+    optimizer reads the old state there and writes the new one into `target`, 24 bytes per parameter
+    less copied per step."""
 
     name: str
     dtype: str
@@ -126,6 +130,7 @@ class LentRecord:
     version: int
     target: str
     prefix: str  # the cache's file-name prefix (LentViews drops mappings of files gone from it)
+    source: str = ""  # the cached file of the version read, when `target` is not a copy of it
 
 
 class LentViews:
@@ -138,32 +143,44 @@ class LentViews:
     """
 
     def __init__(self) -> None:
-        self._maps: dict[tuple[int, int, int, int], mmap.mmap] = {}
+        self._maps: dict[tuple[int, int, int, int, bool], mmap.mmap] = {}
 
     def view(self, lent: LentRecord, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of the lent file (the new version, to update in place)."""
         return self._view(lent.target, lent.dtype, lo, hi)
 
-    def _view(self, path: str, dtype: str, lo: int, hi: int) -> torch.Tensor:
+    def view_source(self, lent: LentRecord, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the version read, mapped read-only (a lend without a copy)."""
+        if not lent.source:
+            raise CacheError(f"{lent.name}: lent as a copy, it has no source to read")
+        return self._view(lent.source, lent.dtype, lo, hi, writable=False)
+
+    def _view(self, path: str, dtype: str, lo: int, hi: int, writable: bool = True) -> torch.Tensor:
         itemsize = DTYPES[dtype].itemsize
         start, end = lo * itemsize, hi * itemsize
         offset = start - start % mmap.ALLOCATIONGRANULARITY
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except FileNotFoundError as exc:
             raise CacheError(f"lent cache file {path} is gone (the SSD actor restarted?)") from exc
         try:
             st = os.fstat(fd)
             if st.st_size < end:
                 raise CacheError(f"lent cache file {path} holds {st.st_size} B, not the {end} B lent")
-            key = (st.st_dev, st.st_ino, offset, end - offset)
+            # (writable is part of the key: a recycled inode read as a source may later be lent to write)
+            key = (st.st_dev, st.st_ino, offset, end - offset, writable)
             mm = self._maps.get(key)
             if mm is None:
-                mm = mmap.mmap(fd, end - offset, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, offset=offset)
+                prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+                flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+                mm = mmap.mmap(fd, end - offset, flags=flags, prot=prot, offset=offset)
                 self._maps[key] = mm
         finally:
             os.close(fd)
-        return torch.frombuffer(mm, dtype=torch.uint8)[start - offset : end - offset].view(DTYPES[dtype])
+        with warnings.catch_warnings():  # a read-only source: torch warns that writing it is undefined
+            warnings.simplefilter("ignore", UserWarning)
+            whole = torch.frombuffer(mm, dtype=torch.uint8)
+        return whole[start - offset : end - offset].view(DTYPES[dtype])
 
     def forget_missing(self, prefix: str) -> None:
         """Drop the mappings of files no longer among the cache's files (`prefix`)."""
@@ -179,7 +196,7 @@ class LentViews:
     def mapped(self) -> int:
         return len(self._maps)
 
-    def _close(self, key: tuple[int, int, int, int]) -> None:
+    def _close(self, key: tuple[int, int, int, int, bool]) -> None:
         mm = self._maps.pop(key)
         with contextlib.suppress(BufferError):  # a tensor still refers to it: it goes with the tensor
             mm.close()
@@ -285,14 +302,23 @@ class HostCache:
         self._produce(name, tmp, nbytes, lambda kept: reader(memoryview(kept.mm)))
         os.replace(tmp, final)
 
-    def lend(self, name: str, version: int, new_version: int) -> str:
+    def lend(self, name: str, version: int, new_version: int, copy: bool = True) -> str:
         """A copy of version `version` of `name`, in a file for `new_version` that another process (the
         optimizer) may update in place; `adopt` then makes it that version. The copy runs here, in this
         cache's threads and through its kept mappings, while the GPU still computes, so the optimizer
         later only updates (its in-place AdamW, as on a ring slot). The file is made from the record's
         parked pages. Lending the same new version again (a replayed step) copies afresh into the same
-        file: whatever a failed attempt wrote there is overwritten."""
+        file: whatever a failed attempt wrote there is overwritten. `copy=False` only makes the file (its
+        pages reserved): the optimizer then writes every element of it from the version read."""
         source = self.path(name, version)
+        if not copy:
+            if not source.is_file():
+                raise CacheError(f"{name} v{version} is not in the host cache ({source})")
+            lent = self.lent_path(name, new_version)
+            tmp = lent.with_name(f"{lent.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
+            self._produce(name, tmp, source.stat().st_size, lambda kept: None, start_from=lent)
+            os.replace(tmp, lent)
+            return str(lent)
         try:
             fd = os.open(source, os.O_RDWR)
         except FileNotFoundError as exc:
@@ -309,11 +335,11 @@ class HostCache:
         lent = self.lent_path(name, new_version)
         tmp = lent.with_name(f"{lent.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
 
-        def copy(kept: _KeptMapping) -> None:
+        def duplicate(kept: _KeptMapping) -> None:
             self._run(functools.partial(_copy_chunk, kept.array, src.array), nbytes, name)
 
         try:
-            self._produce(name, tmp, nbytes, copy, start_from=lent)
+            self._produce(name, tmp, nbytes, duplicate, start_from=lent)
         finally:
             self._unpin(src)
         os.replace(tmp, lent)
@@ -781,10 +807,11 @@ class CachedStore:
             name, rec.dtype, rec.numel, rec.version, str(self.cache.path(name, rec.version)), self.spec.prefix
         )
 
-    def lend(self, name: str, version: int) -> LentRecord:
+    def lend(self, name: str, version: int, copy: bool = True) -> LentRecord:
         """Lend cached record `name` for updating into version `version` in another process (LentRecord).
         The version the step reads comes into the cache first when it is only on SSD (the first step
-        after a start), read straight into its cache file."""
+        after a start), read straight into its cache file. `copy=False`: the new version's file is not
+        a copy of the version read, which the record names as its `source` (HostCache.lend)."""
         if name not in self.names or self.cache is None:
             raise CacheError(f"{name} is not a cached record: it cannot be lent")
         rec = self.ssd.record(name)
@@ -795,8 +822,9 @@ class CachedStore:
                     "/dev/shm cleared under the run?); re-run to resume from the last durable step"
                 )
             self.cache.fill(name, rec.version, rec.padded_nbytes, lambda view: self.ssd.read_into(name, view))
-        target = self.cache.lend(name, rec.version, version)
-        return LentRecord(name, rec.dtype, rec.numel, version, target, self.spec.prefix)
+        target = self.cache.lend(name, rec.version, version, copy=copy)
+        source = "" if copy else str(self.cache.path(name, rec.version))
+        return LentRecord(name, rec.dtype, rec.numel, version, target, self.spec.prefix, source)
 
     def adopt(self, lent: LentRecord) -> TensorRecord:
         """Stage the lent record's new version, now written, as `write_from` stages a written one.

@@ -242,8 +242,9 @@ class RuntimeConfig:
     `lookahead: true` (with exact clipping) runs the next step's forward during this step's optimizer, each
     unit as soon as its new params exist (the optimizer then goes through the units in forward order).
     `adam_kernel: auto` runs AdamW in the host kernel (fuyou_ray/cpu_adam.py: one pass over memory instead
-    of three, compiled with the system C compiler and used only where it reproduces torch bit for bit);
-    `torch` always takes torch's fused AdamW.
+    of three, compiled with the system C compiler and used only where it reproduces torch bit for bit), and
+    the host cache lends state without copying it (the kernel reads the version read and writes the new
+    one); `torch` always takes torch's fused AdamW, on a copy the cache makes.
     `data_parallel: N` runs N pipelines, each on 1/N of the global batch (docs: README, Data parallelism).
     """
 

@@ -309,10 +309,13 @@ def account_step(
             d["cache write grads"] += g_bytes
         s_bytes = units[u].numel * STATE_BYTES
         if u in cached_s:
-            # today's pipeline lends cached state to the optimizer: one copy within the cache
-            d["cache write state"] += s_bytes
             if schedule != "current":
+                d["cache write state"] += s_bytes
                 d["cache read state"] += s_bytes
+            elif plan.lend_copy:
+                # today's pipeline lends cached state to the optimizer: one copy within the cache (without
+                # it, the optimizer's out-of-place AdamW reads the old version and writes the new one)
+                d["cache write state"] += s_bytes
         else:
             d["ssd read state"] += s_bytes
         if u not in cached_s or through:

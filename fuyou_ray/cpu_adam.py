@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import math
@@ -134,21 +135,29 @@ def build(source: Path, compiler: str | None = None) -> Path:
             return lib
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
-            os.close(fd)
+            lock = os.open(directory / f"{lib.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
             continue  # not writable: try the next place
         try:
-            done = subprocess.run(
-                [cc, *CFLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=120
-            )
-            if done.returncode != 0:
-                raise KernelUnavailable(f"{cc} failed on {source}: {done.stderr.strip()[-400:]}")
-            os.replace(tmp, lib)
-            return lib
+            # One process compiles (the optimizer actors start together); the others wait and load it.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if lib.is_file():
+                return lib
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
+            os.close(fd)
+            try:
+                done = subprocess.run(
+                    [cc, *CFLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300
+                )
+                if done.returncode != 0:
+                    raise KernelUnavailable(f"{cc} failed on {source}: {done.stderr.strip()[-400:]}")
+                os.replace(tmp, lib)
+                return lib
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            os.close(lock)  # (releases the lock)
     raise KernelUnavailable("no writable directory for the compiled kernel (set FUYOU_RAY_KERNEL_CACHE)")
 
 
@@ -177,7 +186,7 @@ def load_kernel() -> _Kernel:
             fn = lib.fy_adamw
             fn.restype = ctypes.c_int
             fn.argtypes = [
-                *(ctypes.c_void_p,) * 5,
+                *(ctypes.c_void_p,) * 8,
                 ctypes.c_int,
                 ctypes.c_int64,
                 ctypes.c_int64,
@@ -205,10 +214,13 @@ def _run(
     grad_scale: float,
     lo: int,
     hi: int,
+    source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Elements [lo, hi) of the update, in the two segments torch's path makes (decay, no decay). The last
-    numel % width elements of a segment are torch's scalar remainder: torch itself updates them (a call on
-    just those elements runs the same scalar loop on them), from a copy of their gradient."""
+    """Elements [lo, hi) of the update, in the two segments torch's path makes (decay, no decay); in place,
+    or from the old state `source` (w, m, v) into w, m, v. The last numel % width elements of a segment are
+    torch's scalar remainder: torch itself updates them (a call on just those elements runs the same scalar
+    loop on them), from a copy of their gradient."""
+    old = [t.data_ptr() for t in source] if source is not None else [None, None, None]
     for seg_lo, seg_hi, wd in ((0, decay_end, hp.weight_decay), (decay_end, w.numel(), 0.0)):
         a, b = max(lo, seg_lo), min(hi, seg_hi)
         if b <= a:
@@ -223,6 +235,7 @@ def _run(
                 g.data_ptr(),
                 m.data_ptr(),
                 v.data_ptr(),
+                *old,
                 out,
                 kind,
                 a,
@@ -232,6 +245,9 @@ def _run(
             ):
                 raise KernelUnavailable(f"the host kernel has no variant {variant}")
         if b > tail:
+            if source is not None:
+                for new, before in zip((w, m, v), source, strict=True):
+                    new[tail:b].copy_(before[tail:b])
             adamw_update_(
                 w[tail:b],
                 g[tail:b].clone(),
@@ -267,16 +283,22 @@ def _verified(fn: KernelFn, width: int) -> _Kernel:
         return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
 
     def agrees(variant: int, cases: list[tuple[list[torch.Tensor], AdamWStep, int, float]]) -> bool:
+        """In place and out of place (into buffers of NaN), against the torch path."""
         for state, hp, decay_end, scale in cases:
             n = state[0].numel()
-            w, g, m, v = (t.clone() for t in state)
-            p = torch.empty(n, dtype=torch.bfloat16)
-            _run(fn, variant, width, w, g, m, v, p, hp, decay_end, scale, 0, n)
             tw, tg, tm, tv = (t.clone() for t in state)
             tp = torch.empty(n, dtype=torch.bfloat16)
             adamw_update_(tw, tg, tm, tv, hp, decay_end=decay_end, grad_scale=scale, params_out=tp)
-            if not all(torch.equal(bits(a), bits(b)) for a, b in ((w, tw), (m, tm), (v, tv), (p, tp))):
-                return False
+            for out_of_place in (False, True):
+                w, g, m, v = (t.clone() for t in state)
+                source = None
+                if out_of_place:
+                    source = (w, m, v)
+                    w, m, v = (torch.full((n,), float("nan")) for _ in range(3))
+                p = torch.empty(n, dtype=torch.bfloat16)
+                _run(fn, variant, width, w, g, m, v, p, hp, decay_end, scale, 0, n, source)
+                if not all(torch.equal(bits(a), bits(b)) for a, b in ((w, tw), (m, tm), (v, tv), (p, tp))):
+                    return False
         return True
 
     # Sizes with and without remainders; the first variant that agrees on a small case is confirmed on all.
@@ -327,17 +349,26 @@ class HostAdamW:
         decay_end: int,
         grad_scale: float = 1.0,
         params_out: torch.Tensor | None = None,
+        source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """As `fuyou_ray.optim.adamw_update_` (same results, bit for bit), except that `grad` is left as
-        it was when the host kernel runs."""
+        it was when the host kernel runs. With `source` (master, exp_avg, exp_avg_sq of the step's old
+        state, other buffers of the same size) the update reads the old state there and writes the new one
+        into `master`, `exp_avg`, `exp_avg_sq`, whatever they held: one pass with the kernel, a copy and
+        the in-place update on the torch path."""
         k = self.kernel
-        tensors = (master, grad, exp_avg, exp_avg_sq)
+        tensors = (master, grad, exp_avg, exp_avg_sq, *(source or ()))
+        if source is not None and any(t.shape != master.shape for t in source):
+            raise ValueError("update_: the old state must have the new state's shape")
         usable = (
             k is not None
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
             and (params_out is None or (params_out.dtype in PARAM_KINDS and params_out.is_contiguous()))
         )
         if not usable or k is None:
+            if source is not None:
+                for new, old in zip((master, exp_avg, exp_avg_sq), source, strict=True):
+                    new.copy_(old)
             adamw_update_(
                 master,
                 grad,
@@ -370,6 +401,7 @@ class HostAdamW:
                 grad_scale,
                 lo,
                 hi,
+                source,
             )
 
         if self._pool is None or len(pieces) == 1:

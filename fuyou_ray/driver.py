@@ -308,6 +308,7 @@ def run_step(
         pool_size=plan.optimizer_actors,
         commit_meta={"fingerprint": model_fingerprint(cfg, plan), "lr": lr, "data_step": step + 1},
         lent_state=frozenset(plan.cpu_cached_state),
+        lend_copy=plan.lend_copy,
         state_range=plan.optimizer_range,
         grad_log_cached=plan.grad_log_tier == "cpu",
     )

@@ -137,6 +137,9 @@ class StepInputs:
     # Units whose optimizer state the host cache holds (the plan's cpu_cached_state): their optimizer
     # updates the cache's files directly (ssd.lend / ssd.adopt) instead of through ring slots.
     lent_state: frozenset[int] = frozenset()
+    # A lent record is a copy of the version read (updated in place); False: the lend makes only the new
+    # version's file, which the optimizer writes from the version read (the plan's lend_copy).
+    lend_copy: bool = True
     step_key: str = ""  # identifies the step's inputs; every unit of one step is published with it
     # Elements per optimizer range (the plan's optimizer_range): a unit with more is updated range by
     # range - gradient, master weights and moments pass through ring slots one range at a time, so the
@@ -337,10 +340,11 @@ def _optimizer(
                 "lend",
                 record_name(u, kind),
                 version,
+                s.lend_copy,
                 after=lend_after,
                 phase="optimizer",
                 unit=u,
-                nbytes=unit.numel * 4,
+                nbytes=unit.numel * 4 if s.lend_copy else 0,
             )
             lend_after[:] = [lent[kind]]
     p_out: SlotHandle | None = None

@@ -392,6 +392,7 @@ def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
         pool_size=plan.optimizer_actors,
         commit_meta={},
         lent_state=frozenset(plan.cpu_cached_state),
+        lend_copy=plan.lend_copy,
         state_range=plan.optimizer_range,
         grad_log_cached=plan.grad_log_tier == "cpu",
         # A steady step with exact clipping (runtime.lookahead): its forward ran during the previous step's

@@ -412,12 +412,16 @@ def test_a_mapping_forgotten_under_a_copy_closes_when_the_copy_is_done(prefix: s
         cache.close()
 
 
-def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_slots(prefix: str) -> None:
+@pytest.mark.parametrize("copy", [True, False], ids=["lend-copy", "out-of-place"])
+def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_slots(
+    prefix: str, copy: bool
+) -> None:
     """ssd.lend + opt.update + ssd.adopt, at the level of their parts: the new version, updated in place
-    in the lent copy (with the gradient from a slot, or read in place from the cache), equals AdamW on
-    ring slots bit for bit; the version read stays intact; lending again
-    (a replay) copies afresh into the same file, undoing a failed attempt's update; mappings of deleted
-    files are dropped."""
+    in the lent copy - or, lent without the copy, written from the version read (the host kernel's
+    out-of-place AdamW) - with the gradient from a slot, or read in place from the cache, equals AdamW on
+    ring slots bit for bit; the version read stays intact; lending again (a replay) gives the same file,
+    and a failed attempt's update is undone (copied afresh, or overwritten from the version read);
+    mappings of deleted files are dropped."""
     from actors.cpu_optimizer import CPUOptimizerActor
     from fuyou_ray.cache import LentRecord
     from fuyou_ray.optim import AdamWStep, adamw_update_
@@ -438,15 +442,16 @@ def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_
                 cache.write(f"u00001.{kind}", 1, buffer_of(t))
             lent = {}
             for kind in state:
-                target = cache.lend(f"u00001.{kind}", 1, 2)
-                lent[kind] = LentRecord(f"u00001.{kind}", "float32", numel, 2, target, prefix)
+                target = cache.lend(f"u00001.{kind}", 1, 2, copy=copy)
+                source = "" if copy else str(cache.path(f"u00001.{kind}", 1))
+                lent[kind] = LentRecord(f"u00001.{kind}", "float32", numel, 2, target, prefix, source)
             g_slot = spec.slot(0).carrying("u00001.grad", "float32", numel, 2)
             p_slot = spec.slot(1).carrying("u00001.param", "bfloat16", numel, 2)
             w, m, v = lent["master"], lent["exp_avg"], lent["exp_avg_sq"]
             opt.ring.tensor(g_slot).copy_(grad)
             opt.update(w, g_slot, m, v, p_slot, 0, numel, 2**20, hp, 0.5)  # a failed attempt's update
-            for kind in state:  # the replay lends again: the same file, the version read copied afresh
-                assert cache.lend(f"u00001.{kind}", 1, 2) == lent[kind].target
+            for kind in state:  # the replay lends again: the same file (the version read copied afresh)
+                assert cache.lend(f"u00001.{kind}", 1, 2, copy=copy) == lent[kind].target
             opt.ring.tensor(g_slot).copy_(grad)
             # The second range reads the gradient in place from a cached gradient log (CachedStore.view).
             cache.write("u00001.grad", 2, buffer_of(grad))
@@ -468,10 +473,13 @@ def test_the_optimizer_updates_lent_records_in_the_cache_files_as_it_would_ring_
                     assert cache.read(f"u00001.{kind}", version, memoryview(buf))
                     got = torch.frombuffer(buf, dtype=torch.float32)[:numel]
                     assert torch.equal(got, want), (kind, version)
-            assert opt.lent.mapped == 10  # 3 records x (the whole file, then 2 ranges), the gradient's range
+            # 3 records x (the whole file, then 2 ranges), the gradient's range; out of place also the
+            # version read, the same ranges again (read-only)
+            mapped = 10 if copy else 19
+            assert opt.lent.mapped == mapped
             cache.keep_only({(f"u00001.{kind}", 1) for kind in state})  # v2 parked as .free: same inode
             opt.lent.forget_missing(prefix)
-            assert opt.lent.mapped == 10
+            assert opt.lent.mapped == mapped
             cache.remove_all()
             opt.lent.forget_missing(prefix)
             assert opt.lent.mapped == 0
@@ -617,6 +625,7 @@ def test_cached_runs_are_bit_identical_and_cut_the_ssd_traffic(tmp_path: Path, c
         ("write-back", {}, base.budgets.cpu_mem),
         ("write-through", {"cache_write_through": True}, base.budgets.cpu_mem),
         ("state only", {"cache_flush_every": 2}, state_only),
+        ("torch AdamW: lends copy", {"adam_kernel": "torch"}, base.budgets.cpu_mem),
     ):
         cfg = tiny_config(
             tmp_path / name,
@@ -633,9 +642,12 @@ def test_cached_runs_are_bit_identical_and_cut_the_ssd_traffic(tmp_path: Path, c
         got = (result.io["ssd_read_per_step"], result.io["ssd_written_per_step"])
         assert got == expected, f"{name}: SSD bytes per step (read, written) {got} != {expected}"
         assert expected[0] < plain.io["ssd_read_per_step"] and expected[1] <= plain.io["ssd_written_per_step"]
-        # The optimizer updates cached state in the cache's own files (lent); other cached records are
-        # copied into ring slots (read).
-        assert result.io["cache_bytes_lent"] > 0 and result.io["cache_records"] > 0
+        # The optimizer updates cached state in the cache's own files (lent): a copy of the version read
+        # with torch's AdamW, or, with the host kernel's out-of-place AdamW, no copy at all. Other cached
+        # records are copied into ring slots (read).
+        lend_copies = cfg.runtime.adam_kernel == "torch"
+        assert plan.lend_copy == lend_copies
+        assert (result.io["cache_bytes_lent"] > 0) == lend_copies and result.io["cache_records"] > 0
         left = [p.name for p in SHM_DIR.glob("fuyou-ring-*-cache-*") if f"-{os.getpid()}-" in p.name]
         assert not left, f"cache files outlived the run: {left}"
 

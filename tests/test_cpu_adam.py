@@ -66,6 +66,40 @@ def test_kernel_is_bit_identical_to_the_torch_path(kernel: HostAdamW, n: int, sc
         assert torch.equal(ours[1], grad_before), "the kernel must leave the gradient as it was"
 
 
+@pytest.mark.parametrize("mode", ["auto", "torch"])
+def test_out_of_place_update_writes_what_the_in_place_one_computes(mode: str) -> None:
+    """The host cache lends the version read and a file for the new version: the optimizer reads the old
+    state in one and writes the new state into the other, whatever it held (here NaN), and the old state
+    is left as it was."""
+    adamw = HostAdamW(2, mode)  # type: ignore[arg-type]
+    try:
+        n = 3 * 4096 + 11
+        old = _state(n, seed=21)
+        kept = [t.clone() for t in old]
+        theirs = [t.clone() for t in old]
+        hp = AdamWStep(step=4, lr=5e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+        new = [torch.full((n,), float("nan")) for _ in range(3)]
+        p_ours, p_theirs = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+        adamw.update_(
+            new[0],
+            old[1],
+            new[1],
+            new[2],
+            hp,
+            decay_end=n // 2,
+            grad_scale=0.25,
+            params_out=p_ours,
+            source=(old[0], old[2], old[3]),
+        )
+        adamw_update_(*theirs, hp, decay_end=n // 2, grad_scale=0.25, params_out=p_theirs)
+        for a, b in zip([*new, p_ours], [theirs[0], theirs[2], theirs[3], p_theirs], strict=True):
+            assert torch.equal(_bits(a), _bits(b))
+        for i in (0, 2, 3):
+            assert torch.equal(old[i], kept[i]), "the old state must be left as it was"
+    finally:
+        adamw.close()
+
+
 def test_kernel_on_views_of_a_larger_buffer(kernel: HostAdamW) -> None:
     """The actors pass views of ring slots and cache files: element ranges that do not start at 0."""
     n, lo, hi = 50_000, 1_237, 41_011
@@ -118,7 +152,8 @@ def test_build_is_cached_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     lib = build(source_path())
     mtime = lib.stat().st_mtime_ns
     assert build(source_path()) == lib and lib.stat().st_mtime_ns == mtime, "a second build recompiled"
-    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [lib.name], "temporary files left behind"
+    left = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert left == [lib.name, f"{lib.name}.lock"], "temporary files left behind"
 
 
 def test_without_a_compiler_the_torch_path_runs_and_says_why(tmp_path: Path) -> None:

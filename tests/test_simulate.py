@@ -296,12 +296,13 @@ def test_plan_rejects_unknown_policies() -> None:
 # ------------------------------------------------------------------------------------------- host cache
 
 
-def cached_copy_bytes(env: SimEnv, *, grad_log: bool) -> tuple[int, int]:
+def cached_copy_bytes(env: SimEnv, *, grad_log: bool, lend_copy: bool) -> tuple[int, int]:
     """(bytes copied out of, into) the host cache by one step of build_step with every record cached, by
     hand: params read in forward and backward (the head once) and written once, the gradient log (fp32)
     written in backward but for the last one out, unit 0's (the optimizer reads it in place or, unit 0's,
     from its slot: no copy out). The state (fp32 master, Adam m, v)
-    is lent to the optimizer: copied once within the cache (a write), then updated in place there. With the
+    is lent to the optimizer: copied once within the cache (a write), then updated in place there
+    (`lend_copy`); or lent without the copy (the host kernel's out-of-place AdamW). With the
     gradient log (clipping) the forward and the head run ahead on the optimizer's new params: not read from
     the cache.
     """
@@ -311,7 +312,7 @@ def cached_copy_bytes(env: SimEnv, *, grad_log: bool) -> tuple[int, int]:
         n = w.spec.units[u].numel
         visits = (1 if u == w.num_units - 1 else 2) - (1 if grad_log else 0)
         out += visits * n * w.param_bytes
-        into += n * w.param_bytes + 12 * n + (4 * n if grad_log and u != 0 else 0)  # unit 0: not logged
+        into += n * w.param_bytes + (12 * n if lend_copy else 0) + (4 * n if grad_log and u != 0 else 0)
     return out, into
 
 
@@ -326,15 +327,18 @@ def fully_cached(env: SimEnv, clip: float, **fields: object) -> Plan:
     )
 
 
+@pytest.mark.parametrize("lend_copy", [True, False], ids=["lend-copy", "out-of-place"])
 @pytest.mark.parametrize("clip", [0.0, 1.0])
-def test_current_schedule_of_a_fully_cached_plan_copies_instead_of_ssd(tmp_path: Path, clip: float) -> None:
+def test_current_schedule_of_a_fully_cached_plan_copies_instead_of_ssd(
+    tmp_path: Path, clip: float, lend_copy: bool
+) -> None:
     """Every record in the host cache, write-back: no SSD byte moves; the SSD actor's copies between cache
     files and ring slots take bytes / memcpy rate, shared among the copies in flight (the rest is free)."""
     cfg = small_config(tmp_path, clip=clip)
     prof = make_profile(tflops=1e6, read=1e-3, write=1e-3, memcpy=0.5)
     env = env_for(prof, cfg)
-    pred = predict(env.workload, fully_cached(env, clip), prof, schedule="current")
-    out, into = cached_copy_bytes(env, grad_log=clip > 0)
+    pred = predict(env.workload, fully_cached(env, clip, lend_copy=lend_copy), prof, schedule="current")
+    out, into = cached_copy_bytes(env, grad_log=clip > 0, lend_copy=lend_copy)
     assert pred.account.ssd_read_bytes == pred.account.ssd_write_bytes == 0
     assert not [s for s in pred.sim.spans if s.lane in ("ssd read", "ssd write")]
     assert sum(s.nbytes for s in pred.sim.spans if s.lane == "cache read") == out
@@ -361,7 +365,7 @@ def test_write_through_still_pays_the_ssd_writes(tmp_path: Path) -> None:
     pred = predict(env.workload, fully_cached(env, 1.0, cache_write_through=True), prof, schedule="current")
     w = env.workload
     durable = sum(u.numel * (w.param_bytes + 12) for u in w.spec.units)  # new P, master, m, v
-    out, into = cached_copy_bytes(env, grad_log=True)
+    out, into = cached_copy_bytes(env, grad_log=True, lend_copy=env.plan.lend_copy)
     assert pred.account.ssd_read_bytes == 0
     assert pred.account.ssd_write_bytes == durable
     assert sum(s.nbytes for s in pred.sim.spans if s.lane == "ssd write") == durable
@@ -373,12 +377,13 @@ def test_write_through_still_pays_the_ssd_writes(tmp_path: Path) -> None:
 
 def test_only_the_cached_units_leave_the_ssd(tmp_path: Path) -> None:
     """State cached for some units only (as fill_cache does on a tight budget): the other units' records
-    keep their SSD reads and writes; the cached ones are lent to the optimizer (no SSD bytes, one copy)."""
+    keep their SSD reads and writes; the cached ones are lent to the optimizer (no SSD bytes; one copy
+    where lends copy)."""
     cfg = small_config(tmp_path, clip=1.0)
     prof = make_profile(tflops=1e6, read=1.0, write=1.0, memcpy=1.0)
     env = env_for(prof, cfg)
     w = env.workload
-    plan = dataclasses.replace(env.plan, cpu_cached_state=(1, 2))
+    plan = dataclasses.replace(env.plan, cpu_cached_state=(1, 2), lend_copy=True)
     pred = predict(w, plan, prof, schedule="current")
     n = {u: w.spec.units[u].numel for u in range(w.num_units)}
     state_on_ssd = 12 * sum(v for u, v in n.items() if u not in (1, 2))
