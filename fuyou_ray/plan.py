@@ -101,9 +101,9 @@ class Plan:
     gpu_resident_params units whose params stay on the device across steps (the optimizer's new P is
                         copied in once per step instead of twice, and never read from SSD)
     lend_copy           cached state is lent to the optimizer as a copy of the version read, updated in place
-                        (runtime.adam_kernel: torch); False = lent without the copy: the optimizer's host
-                        kernel reads the version read and writes the new version's file (24 B/param less
-                        copied per step)
+                        (runtime.lend_copy, the default); False = lent without the copy: the optimizer's
+                        host kernel reads the version read and writes the new version's file (24 B/param
+                        less copied per step)
     cache_write_through cached state and params are also written to SSD every step (durable at every
                         commit, saves only the reads); False = write-back: the pipeline must make the cache
                         crash-consistent itself (e.g. /dev/shm segments that outlive actors, flushed at
@@ -303,7 +303,7 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
         num_slots=num_slots,
         optimizer_actors=actors,
         optimizer_threads=threads,
-        lend_copy=cfg.runtime.adam_kernel == "torch",
+        lend_copy=cfg.runtime.lend_copy or cfg.runtime.adam_kernel == "torch",
         exact_clipping=cfg.optimizer.max_grad_norm > 0,
         device_bytes_needed=device_bytes,
         ring_bytes=num_slots * slot_bytes,
@@ -485,7 +485,7 @@ def base_plan(cfg: RunConfig, spec: ModelSpec, profile: HardwareProfile) -> Plan
         num_slots=MIN_SLOTS,
         optimizer_actors=actors,
         optimizer_threads=threads,
-        lend_copy=cfg.runtime.adam_kernel == "torch",
+        lend_copy=cfg.runtime.lend_copy or cfg.runtime.adam_kernel == "torch",
         exact_clipping=cfg.optimizer.max_grad_norm > 0,
         device_bytes_needed=0,
         ring_bytes=MIN_SLOTS * slot_bytes,

@@ -625,7 +625,8 @@ def test_cached_runs_are_bit_identical_and_cut_the_ssd_traffic(tmp_path: Path, c
         ("write-back", {}, base.budgets.cpu_mem),
         ("write-through", {"cache_write_through": True}, base.budgets.cpu_mem),
         ("state only", {"cache_flush_every": 2}, state_only),
-        ("torch AdamW: lends copy", {"adam_kernel": "torch"}, base.budgets.cpu_mem),
+        ("lends without copies", {"lend_copy": False}, base.budgets.cpu_mem),
+        ("torch AdamW: lends copy", {"adam_kernel": "torch", "lend_copy": False}, base.budgets.cpu_mem),
     ):
         cfg = tiny_config(
             tmp_path / name,
@@ -645,7 +646,7 @@ def test_cached_runs_are_bit_identical_and_cut_the_ssd_traffic(tmp_path: Path, c
         # The optimizer updates cached state in the cache's own files (lent): a copy of the version read
         # with torch's AdamW, or, with the host kernel's out-of-place AdamW, no copy at all. Other cached
         # records are copied into ring slots (read).
-        lend_copies = cfg.runtime.adam_kernel == "torch"
+        lend_copies = cfg.runtime.lend_copy or cfg.runtime.adam_kernel == "torch"
         assert plan.lend_copy == lend_copies
         assert (result.io["cache_bytes_lent"] > 0) == lend_copies and result.io["cache_records"] > 0
         left = [p.name for p in SHM_DIR.glob("fuyou-ring-*-cache-*") if f"-{os.getpid()}-" in p.name]
