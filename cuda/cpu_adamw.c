@@ -34,8 +34,6 @@ operation must round as IEEE fp32 does). */
    w: 0 w*decay + step    1 fma(w, decay, step)
    Torch's scalar remainder loop (the last numel % vector-width elements of each call) is not reproduced
    here: the loader hands those few elements to torch itself. */
-#define M_MODES 5
-#define V_MODES 6
 
 typedef struct {
     float grad_scale;    /* the clipping coefficient (1 = none) */

@@ -311,12 +311,14 @@ class HostCache:
         file: whatever a failed attempt wrote there is overwritten. `copy=False` only makes the file (its
         pages reserved): the optimizer then writes every element of it from the version read."""
         source = self.path(name, version)
+        lent = self.lent_path(name, new_version)
+        tmp = lent.with_name(f"{lent.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
         if not copy:
-            if not source.is_file():
-                raise CacheError(f"{name} v{version} is not in the host cache ({source})")
-            lent = self.lent_path(name, new_version)
-            tmp = lent.with_name(f"{lent.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
-            self._produce(name, tmp, source.stat().st_size, lambda kept: None, start_from=lent)
+            try:
+                nbytes = source.stat().st_size
+            except FileNotFoundError as exc:
+                raise CacheError(f"{name} v{version} is not in the host cache ({source})") from exc
+            self._produce(name, tmp, nbytes, lambda kept: None, start_from=lent)
             os.replace(tmp, lent)
             return str(lent)
         try:
@@ -332,8 +334,6 @@ class HostCache:
                 src = self._keep(key, _KeptMapping(fd, nbytes))
         finally:
             os.close(fd)
-        lent = self.lent_path(name, new_version)
-        tmp = lent.with_name(f"{lent.name}.{os.getpid()}-{threading.get_ident()}{TMP}")
 
         def duplicate(kept: _KeptMapping) -> None:
             self._run(functools.partial(_copy_chunk, kept.array, src.array), nbytes, name)

@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from fuyou_ray.optim import AdamWStep, adamw_update_
+from fuyou_ray.optim import AdamWStep, adamw_update_, shard_ranges
 
 log = logging.getLogger(__name__)
 
@@ -382,9 +382,7 @@ class HostAdamW:
             return
         n = master.numel()
         decay_end = max(0, min(decay_end, n))
-        per = -(-n // self.threads)
-        per = -(-per // PIECE_ALIGN) * PIECE_ALIGN
-        pieces = [(lo, min(n, lo + per)) for lo in range(0, n, per)] or [(0, 0)]
+        pieces = shard_ranges(n, self.threads, PIECE_ALIGN)
 
         def run(lo: int, hi: int) -> None:
             _run(
