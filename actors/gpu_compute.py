@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.func import functional_call
 
+from fuyou_ray.activations import HostActivations
 from fuyou_ray.config import ModelConfig
 from fuyou_ray.errors import ForwardLostError
 from fuyou_ray.memory import MemoryMeter, MemoryReport, setup_logging
@@ -91,18 +92,22 @@ class GPUComputeActor:
     Lifecycle: created once per run (name `fuyou:gpu-compute`, `num_gpus=1` when CUDA is used); pins the
     ring on CUDA. Per step: `start_step` receives the batch; `forward(u)` runs unit u on the WHOLE batch
     (micro-batch by micro-batch) with params read from a ring slot, keeping each unit's input; `head` runs
-    the last unit forward and backward at once (its params are loaded once per step); `backward(u)`
-    reloads unit u's params, recomputes its forward from the kept input and backpropagates, accumulating
-    the unit's gradient over micro-batches in fp32 on the device; `emit_grad(u)` copies it into a ring
-    slot. Calls that read a ring slot return once the slot's bytes are on the device (the slot is free);
-    `emit_grad` returns once the slot is filled; compute itself runs on asynchronously, so the schedule
-    overlaps it with the next unit's copies. With exact clipping the next step's `start_step`, forward
-    and head calls may come at the end of a step (after `step_summary`), fed from the optimizer's
-    new-params slots; that step then opens with `check_forward`. A restarted actor has lost the step's
-    activations: the driver replays the step from `start_step`.
+    the last unit forward and backward at once (its params are loaded once per step); `backward(u)` reloads
+    unit u's params, recomputes its forward from the kept input and backpropagates, accumulating the unit's
+    gradient over micro-batches in fp32 on the device. The inputs of the blocks in `park` (the plan's
+    "recompute" activation policy) wait for the backward in host memory, not on the device
+    (fuyou_ray/activations.py: copied out during the forward, back during the backward of the unit after).
+    `emit_grad(u)` copies the gradient into a ring slot. Calls that read a ring slot return once the slot's
+    bytes are on the device (the slot is free); `emit_grad` returns once the slot is filled; compute itself
+    runs on asynchronously, so the schedule overlaps it with the next unit's copies. With exact clipping the
+    next step's `start_step`, forward and head calls may come at the end of a step (after `step_summary`),
+    fed from the optimizer's new-params slots; that step then opens with `check_forward`. A restarted actor
+    has lost the step's activations: the driver replays the step from `start_step`.
     """
 
-    def __init__(self, model: ModelConfig, ring: RingSpec, device: str, compute_dtype: str) -> None:
+    def __init__(
+        self, model: ModelConfig, ring: RingSpec, device: str, compute_dtype: str, park: Sequence[int] = ()
+    ) -> None:
         self.log = setup_logging("gpu-compute")
         self.memory = MemoryMeter("gpu-compute")
         self.device = torch.device(device)
@@ -121,6 +126,7 @@ class GPUComputeActor:
             self.ring.pin()
         self.timeline = Timeline()
         self.lanes = DeviceLanes(self.device, self.timeline)
+        self.parked = HostActivations(park, self.lanes)
         self.step = -1  # the 0-based step whose batch this actor holds
         self.inputs: list[list[torch.Tensor]] = []
         self.grad_out: list[torch.Tensor] = []
@@ -131,7 +137,13 @@ class GPUComputeActor:
         self.grads: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self.grad_left: dict[int, int] = {}  # elements of a gradient emitted range by range still to go
         self.norms: dict[int, list[torch.Tensor]] = {}
-        self.log.info("compute on %s in %s, %d units", self.device, compute_dtype, len(self.units))
+        self.log.info(
+            "compute on %s in %s, %d units, inputs of units %s parked in host memory",
+            self.device,
+            compute_dtype,
+            len(self.units),
+            list(self.parked.units) or "none",
+        )
 
     # ---------------------------------------------------------------------------------------- the step
 
@@ -143,6 +155,7 @@ class GPUComputeActor:
         Called either at the start of the step or, ahead, at the end of the previous one (its optimizer
         then runs this step's forward: `check_forward` opens the step instead)."""
         self.lanes.anchor()
+        self.parked.reset()
         self.step = step
         n = self.spec.num_units
         self.inputs = [[] for _ in range(n)]
@@ -161,7 +174,7 @@ class GPUComputeActor:
         optimizer): ForwardLostError unless this actor holds what they left - every unit's input but the
         head's, the head's gradient and the gradient it passes back (a restart loses them)."""
         last = self.spec.num_units - 1
-        held = [u for u in range(last) if len(self.inputs[u]) == self.accum]
+        held = [u for u in range(last) if len(self.inputs[u]) == self.accum or u in self.parked]
         head = last in self.grads and len(self.grad_out) == self.accum
         if self.step != step or len(held) != last or not head:
             raise ForwardLostError(
@@ -178,6 +191,10 @@ class GPUComputeActor:
             self.inputs[unit + 1] = [
                 functional_call(self.units[unit], named, (x,)) for x in self.inputs[unit]
             ]
+        if self.parked.parks(unit + 1):
+            self.parked.park(unit + 1, self.inputs[unit + 1])
+        if self.parked.parks(unit):
+            self.inputs[unit] = []  # parked in host memory since the forward before: the device lets go
         return unit
 
     def head(self, unit: int, params: SlotHandle, *after: object) -> int:
@@ -196,6 +213,7 @@ class GPUComputeActor:
                 self.loss += loss.detach()
             self._keep_grad(unit, grad_acc)
         self.inputs[unit] = []
+        self.parked.prefetch(unit - 1)  # the next backward's input, while this unit computes
         return unit
 
     def eval_head(self, unit: int, params: SlotHandle, *after: object) -> tuple[float, int]:
@@ -219,8 +237,9 @@ class GPUComputeActor:
         named = self._leaves(unit, flat)
         grad_acc = torch.zeros(flat.numel(), dtype=torch.float32, device=self.device)
         grad_in = []
+        inputs = self.parked.take(unit) if unit in self.parked else self.inputs[unit]
         with self.lanes.on("gpu compute", f"backward {unit}"):
-            for x, g_out in zip(self.inputs[unit], self.grad_out, strict=True):
+            for x, g_out in zip(inputs, self.grad_out, strict=True):
                 differentiable = x.is_floating_point()
                 if differentiable:
                     x = x.detach().requires_grad_(True)
@@ -233,6 +252,7 @@ class GPUComputeActor:
             self._keep_grad(unit, grad_acc)
         self.inputs[unit] = []
         self.grad_out = grad_in
+        self.parked.prefetch(unit - 1)
         return unit
 
     def emit_grad(self, unit: int, slot: SlotHandle, *after: object) -> SlotHandle:
@@ -326,4 +346,5 @@ class GPUComputeActor:
     def shutdown(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.parked.close()
         self.ring.close()

@@ -4,7 +4,7 @@ One run (one process) does everything, so every figure in the table comes from t
 1. component rates for this config's shapes: GPU TFLOPS of plain in-GPU PyTorch training (forward +
    backward) of one block - also the peer the pipeline is compared with -, PCIe H2D / D2H from pinned
    memory, SSD read / write / both at once through the project's own store at the pipeline's request size
-   and queue depth, and CPU AdamW Gparam/s (the actors' HostAdamW) with the pool's thread count;
+   and queue depth, and CPU AdamW Gparam/s of the whole optimizer pool at once (the actors' HostAdamW);
 2. warm-up steps, then N measured steps of the real pipeline (Ray actors, ring, store);
 3. the work one step does (FLOPs incl. recompute, PCIe bytes, SSD bytes counted by the SSD actor - the
    median step's, so a step after a start that reads a cold host cache and the end's flush of a write-back
@@ -22,6 +22,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,26 +107,38 @@ def measure_ssd(cfg: RunConfig, nbytes: int, seconds: float) -> tuple[float, flo
 
 
 def measure_adam(
-    numel: int, threads: int, param_dtype: str = "bfloat16", kernel: KernelMode = "auto"
+    numel: int, threads: int, param_dtype: str = "bfloat16", kernel: KernelMode = "auto", pool: int = 1
 ) -> float:
-    """AdamW params/s as one optimizer actor runs it (HostAdamW on its thread count, clipping scale on)."""
+    """AdamW params/s of the optimizer pool: `pool` updaters (HostAdamW on `threads` threads each, clipping
+    scale on, as the actors run it), each on its own `numel` elements, all at once. The update is bound by
+    host memory bandwidth, so the pool's rate is measured, not one actor's rate times the pool size (on
+    the H100 box that product said 5.95 Gparam/s; inside a step the pool updated about 3)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
-    adamw = HostAdamW(threads, kernel)
+    updaters = [HostAdamW(threads, kernel) for _ in range(max(1, pool))]
     try:
-        w, g, m, v = (torch.randn(numel) for _ in range(4))
-        v.abs_()
-        p = torch.empty(numel, dtype=DTYPES[param_dtype])
+        data = []
+        for _ in updaters:
+            w, g, m, v = (torch.randn(numel) for _ in range(4))
+            v.abs_()
+            data.append((w, g, m, v, torch.empty(numel, dtype=DTYPES[param_dtype])))
         hp = AdamWStep(1, 1e-4, 0.9, 0.95, 1e-8, 0.1)
-        seconds = _time(
-            lambda: adamw.update_(w, g, m, v, hp, decay_end=numel, grad_scale=0.5, params_out=p),
-            3,
-            lambda: None,
-        )
+
+        def update(k: int) -> None:
+            w, g, m, v, p = data[k]
+            updaters[k].update_(w, g, m, v, hp, decay_end=numel, grad_scale=0.5, params_out=p)
+
+        with ThreadPoolExecutor(max_workers=len(updaters)) as callers:  # the kernel releases the GIL
+
+            def everyone() -> None:
+                list(callers.map(update, range(len(updaters))))
+
+            seconds = _time(everyone, 3, lambda: None)
     finally:
-        adamw.close()
+        for adamw in updaters:
+            adamw.close()
         torch.set_num_threads(previous)
-    return numel / seconds
+    return len(updaters) * numel / seconds
 
 
 def measure_ray_call() -> float:
@@ -165,7 +178,7 @@ def measure_rates(
     gpu = measure_gpu(cfg, spec, device, dtype)
     h2d, d2h = measure_pcie(min(largest * 4, 1 << 30))
     ssd = measure_ssd(cfg, min(largest * 4, 256 << 20), SSD_STREAM_SECONDS)
-    adam = measure_adam(min(largest, 64 << 20), threads, param_dtype, cfg.runtime.adam_kernel) * pool
+    adam = measure_adam(min(largest, 64 << 20), threads, param_dtype, cfg.runtime.adam_kernel, pool)
     notes: list[str] = []
     cache_threads = copy_threads(cfg.runtime.cache_threads)
     # Four calls at once of the run's largest fp32 record (at most 1 GiB): the copy rate depends on the size.
@@ -196,8 +209,11 @@ def step_work(
     ssd_read: float,
     ssd_write: float,
     cache_bytes: float = 0.0,
+    parked: int = 0,
 ) -> StepWork:
+    """What one step does; `parked` blocks' inputs go to host memory and back (fuyou_ray/activations.py)."""
     tokens = cfg.batch.global_batch * cfg.batch.seq_len
+    parked_bytes = float(parked * tokens * cfg.model.d_model * param_bytes)
     model_flops = spec.flops_per_token(cfg.batch.seq_len) * tokens
     head = spec.units[-1].numel
     # Every unit but the head recomputes its forward (2 x params x tokens) during backward.
@@ -205,8 +221,8 @@ def step_work(
     return StepWork(
         flops=model_flops + recompute,
         model_flops=model_flops,
-        h2d_bytes=float(param_bytes * (2 * spec.numel - head)),
-        d2h_bytes=4.0 * spec.numel,
+        h2d_bytes=float(param_bytes * (2 * spec.numel - head)) + parked_bytes,
+        d2h_bytes=4.0 * spec.numel + parked_bytes,
         ssd_read_bytes=ssd_read,
         ssd_write_bytes=ssd_write,
         adam_params=float(spec.numel),
@@ -267,6 +283,7 @@ def run_bench(cfg: RunConfig, warmup: int | None = None, steps: int = 3) -> dict
         io.get("ssd_read_per_step", io.get("bytes_read", 0) / n),
         io.get("ssd_written_per_step", io.get("bytes_written", 0) / n),
         io.get("cache_copied_per_step", 0),
+        len(plan.parked_inputs),
     )
     bounds = bound_seconds(work, rates)
     bound = max(bounds.values())
@@ -355,7 +372,8 @@ def format_table(r: dict[str, Any]) -> str:
         f"= {100 * r['ray_overhead_fraction']:.2f}% of the step (upper estimate)",
         _cache_line(r, gib),
         f"  peak GPU memory {r['peak_gpu_bytes'] / gib:.2f} GiB "
-        f"(budget {r['config']['budgets']['gpu_mem'] / gib:.0f} GiB)",
+        f"(budget {r['config']['budgets']['gpu_mem'] / gib:.0f} GiB); "
+        f"inputs of {r['plan']['activation_policy'].count('recompute')} block(s) parked in host memory",
         "  peak RSS above baseline: "
         + ", ".join(f"{m['role']} {m['peak_above_baseline'] / gib:.2f} GiB" for m in r["memory"]),
     ]

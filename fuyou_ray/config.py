@@ -250,6 +250,9 @@ class RuntimeConfig:
     file. It moves 24 B/param less, but on the H100 box the step was not faster (1.129 s against 1.073 s):
     writing other memory than it reads costs the optimizer read-for-ownership traffic in its serial phase.
     `data_parallel: N` runs N pipelines, each on 1/N of the global batch (docs: README, Data parallelism).
+    `park_block_inputs`: how many blocks' inputs wait for the backward in page-locked host memory instead
+    of device memory (the first N blocks; fuyou_ray/activations.py). -1 (auto): as many as budgets.gpu_mem
+    needs, none when everything fits; 0: none (a batch too large for gpu_mem is refused).
     """
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -269,6 +272,7 @@ class RuntimeConfig:
     lookahead: bool = True
     adam_kernel: Literal["auto", "torch"] = "auto"
     lend_copy: bool = True
+    park_block_inputs: int = -1
     # Pipelines (GPU compute + SSD I/O + optimizer pool each, one per GPU) that split every step's batch;
     # gradients are summed across them and each holds 1/N of the optimizer state (fuyou_ray/parallel/).
     data_parallel: int = 1
@@ -466,6 +470,11 @@ def _validate(cfg: RunConfig) -> None:
     require(cfg.runtime.optimizer_actors >= 0, "runtime.optimizer_actors", "must be >= 0 (0 = auto)")
     require(cfg.runtime.optimizer_range >= 0, "runtime.optimizer_range", "must be >= 0 (0 = auto)")
     require(cfg.runtime.optimizer_threads >= 0, "runtime.optimizer_threads", "must be >= 0 (0 = auto)")
+    require(
+        cfg.runtime.park_block_inputs >= -1,
+        "runtime.park_block_inputs",
+        "must be -1 (auto: as gpu_mem needs), 0 (none) or a number of blocks",
+    )
     _validate_data_parallel(cfg, require)
     require(cfg.runtime.max_restarts >= 0, "runtime.max_restarts", "must be >= 0")
     require(cfg.runtime.restart_window_s > 0, "runtime.restart_window_s", "must be > 0 seconds")

@@ -55,7 +55,7 @@ def construct(role: str, setup: ActorSetup) -> tuple[type, tuple[Any, ...]]:
 
     cfg, plan = setup.config, setup.plan
     if role == "gpu":
-        return GPUComputeActor, (cfg.model, setup.ring, plan.device, plan.param_dtype)
+        return GPUComputeActor, (cfg.model, setup.ring, plan.device, plan.param_dtype, plan.parked_inputs)
     if role == "ssd":
         return SSDIOActor, (
             cfg.ssd,

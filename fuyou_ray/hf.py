@@ -33,12 +33,11 @@ from fuyou_ray.config import (
     RunConfig,
     Size,
     config_from_dict,
-    format_size,
     save_config,
 )
 from fuyou_ray.costmodel import working_bytes
 from fuyou_ray.driver import model_fingerprint
-from fuyou_ray.errors import BudgetError, RunStateError
+from fuyou_ray.errors import RunStateError
 from fuyou_ray.inspect import load_run_config
 from fuyou_ray.memory import MemoryMeter
 from fuyou_ray.models import ModelSpec
@@ -49,7 +48,14 @@ from fuyou_ray.models.hf_adapters import (
     adapter_for,
     adapter_for_model,
 )
-from fuyou_ray.plan import Plan, check_ssd_space, estimate_device_bytes, make_plan
+from fuyou_ray.plan import (
+    Plan,
+    check_ssd_space,
+    estimate_device_bytes,
+    make_plan,
+    parked_blocks,
+    parking_policy,
+)
 from fuyou_ray.records import RecordKind, record_name
 from fuyou_ray.ring import DTYPES
 from fuyou_ray.safetensors_io import (
@@ -180,16 +186,18 @@ def plan_for_import(cfg: RunConfig, spec: ModelSpec) -> Plan:
     device budget at that dtype (the CPU fallback's fp32 estimate would refuse a model the GPU can hold)."""
     if cfg.runtime.device != "cuda" or torch.cuda.is_available():
         return make_plan(cfg, spec)
-    needed = estimate_device_bytes(cfg, spec, 2)
-    if needed > cfg.budgets.gpu_mem:
-        raise BudgetError(
-            f"budgets.gpu_mem = {format_size(cfg.budgets.gpu_mem)} is too small: the batch needs about "
-            f"{format_size(needed)} on the GPU; raise budgets.gpu_mem or lower the batch"
-        )
+    parked = parked_blocks(cfg, spec, 2)  # (raises when even parked block inputs leave too little)
+    needed = estimate_device_bytes(cfg, spec, 2, len(parked))
     unlimited = dataclasses.replace(cfg.budgets, gpu_mem=Size(1 << 62))
     runtime = dataclasses.replace(cfg.runtime, device="cpu")
     plan = make_plan(dataclasses.replace(cfg, runtime=runtime, budgets=unlimited), spec)
-    return dataclasses.replace(plan, device="cuda", param_dtype="bfloat16", device_bytes_needed=needed)
+    return dataclasses.replace(
+        plan,
+        device="cuda",
+        param_dtype="bfloat16",
+        device_bytes_needed=needed,
+        activation_policy=parking_policy(parked, spec.num_units),
+    )
 
 
 def resolve_sources(adapter: HFAdapter, spec: ModelSpec, reader: CheckpointReader, where: str) -> list[str]:

@@ -174,6 +174,11 @@ class Plan:
         return self.activation_policy[unit] if unit < len(self.activation_policy) else "keep"
 
     @property
+    def parked_inputs(self) -> tuple[int, ...]:
+        """The units whose input the compute actor parks in host memory ("recompute")."""
+        return tuple(u for u, p in enumerate(self.activation_policy) if p == "recompute")
+
+    @property
     def overlap(self) -> str:
         return self.optimizer_overlap or ("after_backward" if self.exact_clipping else "backward")
 
@@ -206,18 +211,64 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def estimate_device_bytes(cfg: RunConfig, spec: ModelSpec, dtype_bytes: int) -> int:
-    """Peak bytes on the compute device for one step (activations kept at unit boundaries)."""
+def estimate_device_bytes(cfg: RunConfig, spec: ModelSpec, dtype_bytes: int, parked: int = 0) -> int:
+    """Peak bytes on the compute device for one step: activations kept at unit boundaries, except the
+    inputs of `parked` blocks (the first ones), which wait in host memory (fuyou_ray/activations.py). The
+    peak comes at the end of the forward, where one parked input may still be on its way out; in the
+    backward the parked region holds two (one in use, one arriving), by then the kept inputs are gone."""
     m, b = cfg.model, cfg.batch
     tokens, micro_tokens = b.global_batch * b.seq_len, b.micro_batch * b.seq_len
     largest = max(u.numel for u in spec.units)
-    boundary = tokens * m.d_model * dtype_bytes * (spec.num_units - 1)  # inputs of units 1..L
+    kept = max(spec.num_units - 1 - parked + min(parked, 1), min(parked, 2))  # of units 1..L
+    boundary = tokens * m.d_model * dtype_bytes * kept
     grad_flow = 2 * tokens * m.d_model * dtype_bytes  # gradients w.r.t. unit outputs / inputs
     weights = largest * (2 * dtype_bytes + 4)  # params, their grad, the fp32 accumulator
     # One micro-batch through a block: qkv, attention output, 4h MLP (x2 for GELU), norms; logits in fp32.
     block_work = micro_tokens * m.d_model * dtype_bytes * 16
     head_work = micro_tokens * m.vocab_size * (dtype_bytes + 4 * 3)
     return int(boundary + grad_flow + weights + max(block_work, head_work))
+
+
+def parked_input_bytes(cfg: RunConfig, dtype_bytes: int, parked: int) -> int:
+    """Host bytes of the arena holding `parked` blocks' inputs (each micro-batch page-aligned)."""
+    b = cfg.batch
+    per_micro = -(-b.micro_batch * b.seq_len * cfg.model.d_model * dtype_bytes // 4096) * 4096
+    return parked * b.accum_steps * per_micro
+
+
+def parking_policy(parked: Sequence[int], num_units: int) -> tuple[str, ...]:
+    """`Plan.activation_policy` for a pipeline that parks the inputs of `parked` ("recompute") and keeps
+    the others on the device (empty when nothing is parked: "keep" everywhere)."""
+    return tuple("recompute" if u in parked else "keep" for u in range(num_units)) if parked else ()
+
+
+def parked_blocks(cfg: RunConfig, spec: ModelSpec, dtype_bytes: int) -> tuple[int, ...]:
+    """The blocks whose inputs wait for the backward in host memory (`runtime.park_block_inputs`): the
+    first N blocks, N as configured or (auto, -1) the fewest that bring the device under budgets.gpu_mem.
+    The first blocks' inputs are parked because their backward comes last: the longest time to copy back.
+    Raises BudgetError when even every block parked does not fit."""
+    blocks = range(1, spec.num_units - 1)
+    configured = cfg.runtime.park_block_inputs
+    if configured >= 0:
+        n = min(configured, len(blocks))
+    else:
+        fits = [
+            k
+            for k in range(len(blocks) + 1)
+            if estimate_device_bytes(cfg, spec, dtype_bytes, k) <= cfg.budgets.gpu_mem
+        ]
+        n = fits[0] if fits else len(blocks)
+    needed = estimate_device_bytes(cfg, spec, dtype_bytes, n)
+    if needed > cfg.budgets.gpu_mem:
+        parked = f" with the inputs of {n} of {len(blocks)} blocks parked in host memory" if n else ""
+        hint = "" if configured < 0 or n == len(blocks) else ", or set runtime.park_block_inputs: -1 (auto)"
+        raise BudgetError(
+            f"budgets.gpu_mem = {format_size(cfg.budgets.gpu_mem)} is too small: batch "
+            f"{cfg.batch.global_batch}x{cfg.batch.seq_len} (micro-batch {cfg.batch.micro_batch}) needs about "
+            f"{format_size(needed)} on the compute device{parked}; raise budgets.gpu_mem or lower the batch"
+            f"{hint}"
+        )
+    return tuple(blocks[:n])
 
 
 # Units whose new version may exist beside the old one before the store publishes them (the SSD actor
@@ -269,27 +320,25 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
         spec, dtype_bytes, cfg.budgets.cpu_mem, cfg.runtime.optimizer_range
     )
 
+    # The device first: the inputs of the blocks it cannot hold are parked in host memory.
+    parked = parked_blocks(cfg, spec, dtype_bytes)
+    device_bytes = estimate_device_bytes(cfg, spec, dtype_bytes, len(parked))
+    park_bytes = parked_input_bytes(cfg, dtype_bytes, len(parked))
+
     # Besides the ring, the SSD actor holds working buffers of a whole unit's fp32 size (initialization).
-    working = working_bytes(spec)
+    working = working_bytes(spec) + park_bytes
     min_cpu = MIN_SLOTS * slot_bytes + working
     if cfg.budgets.cpu_mem < min_cpu:
         ranges = f" (optimizer ranges of {state_range:,} elements)" if state_range else ""
+        inputs = f" and {format_size(park_bytes)} of parked block inputs" if park_bytes else ""
         raise BudgetError(
             f"budgets.cpu_mem = {format_size(cfg.budgets.cpu_mem)} is too small for one layer: "
             "the largest unit "
             f"({largest.name}, {largest.numel:,} params) needs {MIN_SLOTS} ring slots of "
-            f"{format_size(slot_bytes)}{ranges} plus {format_size(working)} of working buffers = "
-            f"{format_size(min_cpu)}; raise budgets.cpu_mem to at least that"
+            f"{format_size(slot_bytes)}{ranges} plus {format_size(working - park_bytes)} of working "
+            f"buffers{inputs} = {format_size(min_cpu)}; raise budgets.cpu_mem to at least that"
         )
     num_slots = int(min((cfg.budgets.cpu_mem - working) // slot_bytes, MAX_USEFUL_SLOTS))
-
-    device_bytes = estimate_device_bytes(cfg, spec, dtype_bytes)
-    if device_bytes > cfg.budgets.gpu_mem:
-        raise BudgetError(
-            f"budgets.gpu_mem = {format_size(cfg.budgets.gpu_mem)} is too small: batch "
-            f"{cfg.batch.global_batch}x{cfg.batch.seq_len} (micro-batch {cfg.batch.micro_batch}) needs about "
-            f"{format_size(device_bytes)} on the compute device; raise budgets.gpu_mem or lower the batch"
-        )
 
     cpus = cpu_count or os.cpu_count() or 1
     actors = cfg.runtime.optimizer_actors or (1 if cpus < 8 else min(4, cpus // 4))
@@ -312,6 +361,7 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
         micro_batch=cfg.batch.micro_batch,
         ssd_queue_depth=cfg.ssd.io_threads,
         cpu_bytes_needed=num_slots * slot_bytes + working,
+        activation_policy=parking_policy(parked, spec.num_units),
     )
     if cfg.runtime.cpu_cache == "auto":
         plan = fill_cache(plan, spec, cfg.budgets.cpu_mem, write_through=cfg.runtime.cache_write_through)

@@ -42,24 +42,26 @@ def gpu_config(tmp: Path, **sections: object):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(
-    ("executor", "ranges"),
-    [("local", False), ("ray", False), ("local", True)],
-    ids=["local", "ray", "ranges"],
+    ("executor", "ranges", "parked"),
+    [("local", False, 0), ("ray", False, 0), ("local", True, 0), ("ray", False, 3)],
+    ids=["local", "ray", "ranges", "parked"],
 )
 def test_bf16_gpu_matches_mixed_precision_reference(
-    tmp_path: Path, executor: str, ranges: bool, request: pytest.FixtureRequest
+    tmp_path: Path, executor: str, ranges: bool, parked: int, request: pytest.FixtureRequest
 ) -> None:
     """Against plain mixed-precision training; `ranges`: blocks of 2.4 M params updated in optimizer ranges
-    of 1 Mi elements (the gradient leaves the device range by range)."""
+    of 1 Mi elements (the gradient leaves the device range by range); `parked`: the inputs of 3 of the 4
+    blocks wait for the backward in host memory (fuyou_ray/activations.py)."""
     if executor == "ray":
         request.getfixturevalue("ray_cluster")
-    extra: dict[str, object] = {}
+    extra: dict[str, object] = {"runtime": {"park_block_inputs": parked}}
     if ranges:
         extra = {"model": {"d_model": 448}, "runtime": {"optimizer_range": 1}}
     cfg = gpu_config(tmp_path, **extra)
     result = train(cfg, executor=executor)
     assert result.plan.param_dtype == "bfloat16" and result.plan.device == "cuda"
     assert (result.plan.optimizer_range > 0) == ranges
+    assert result.plan.parked_inputs == tuple(range(1, parked + 1))
     ref = train_reference_mixed(cfg, cfg.steps)
     ours = [s.loss for s in result.steps]
     loss_rel = max(abs(a - b) / abs(b) for a, b in zip(ours, ref.losses, strict=True))
@@ -93,3 +95,38 @@ def test_lm_head_on_cuda_pads_an_odd_vocabulary_and_matches_the_plain_projection
         o.float().square().mean().backward()
     assert head.weight.grad is not None and plain.weight.grad is not None
     torch.testing.assert_close(head.weight.grad.float(), plain.weight.grad.float(), rtol=2e-2, atol=1e-4)
+
+
+def test_parked_inputs_leave_the_device_and_come_back_on_the_copy_streams() -> None:
+    from actors.gpu_compute import DeviceLanes
+    from fuyou_ray.activations import HostActivations
+    from fuyou_ray.timeline import Timeline
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    lanes = DeviceLanes(device, Timeline())
+    lanes.anchor()
+    parked = HostActivations([1, 2], lanes)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    xs = {
+        u: [torch.randn(4, 512, 1024, device=device, dtype=torch.bfloat16) for _ in range(3)] for u in (1, 2)
+    }
+    expected = {u: [x.cpu() for x in xs[u]] for u in xs}
+    for u in (1, 2):
+        parked.park(u, xs[u])
+    del xs  # as the forward does once the unit has used them: the device lets go after the copies
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated(device) == before
+    parked.prefetch(2)
+    back2 = parked.take(2)
+    parked.prefetch(1)
+    back1 = parked.take(1)
+    torch.cuda.synchronize()
+    for ours, theirs in zip(back1 + back2, expected[1] + expected[2], strict=True):
+        assert ours.device == device and torch.equal(ours.cpu(), theirs)
+    lanes.flush()
+    spans = lanes.timeline.drain()
+    assert sorted({s.lane for s in spans}) == ["d2h", "h2d"]
+    gbps = [s.nbytes / (s.end - s.start) / 1e9 for s in spans if s.end > s.start]
+    print(f"parked-input copies: {min(gbps):.1f}-{max(gbps):.1f} GB/s (pinned arena)")
+    parked.close()

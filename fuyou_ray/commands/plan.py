@@ -134,11 +134,17 @@ def pipeline_plan(cfg: Any, spec: Any, planned: Any) -> Any:
     `budgets.cpu_mem` holds up to MAX_USEFUL_SLOTS, then `fill_cache` with what is left when
     `runtime.cpu_cache` is auto (the cache the SSD actor keeps; its copies are part of the prediction)."""
     from fuyou_ray.costmodel import working_bytes
-    from fuyou_ray.plan import MAX_USEFUL_SLOTS, fill_cache
+    from fuyou_ray.errors import BudgetError
+    from fuyou_ray.plan import MAX_USEFUL_SLOTS, fill_cache, parked_blocks, parked_input_bytes, parking_policy
     from fuyou_ray.schedule import MIN_SLOTS
 
     slot = planned.slot_bytes  # (with the planner's optimizer ranges, as make_plan sizes them)
-    working = working_bytes(spec)
+    dtype_bytes = 2 if planned.param_dtype == "bfloat16" else 4
+    try:
+        parked = parked_blocks(cfg, spec, dtype_bytes)  # the block inputs make_plan parks in host memory
+    except BudgetError:  # the planner fits the device in ways the pipeline does not (its own chunks)
+        parked = tuple(range(1, spec.num_units - 1))
+    working = working_bytes(spec) + parked_input_bytes(cfg, dtype_bytes, len(parked))
     slots = int(max(MIN_SLOTS, min((cfg.budgets.cpu_mem - working) // slot, MAX_USEFUL_SLOTS)))
     plan = dataclasses.replace(
         planned.as_current(),
@@ -146,6 +152,7 @@ def pipeline_plan(cfg: Any, spec: Any, planned: Any) -> Any:
         num_slots=slots,
         ring_bytes=slots * slot,
         cpu_bytes_needed=slots * slot + working,
+        activation_policy=parking_policy(parked, spec.num_units),
     )
     if cfg.runtime.cpu_cache == "auto":
         plan = fill_cache(plan, spec, cfg.budgets.cpu_mem, write_through=cfg.runtime.cache_write_through)

@@ -148,7 +148,7 @@ class PipelinesExecutor(RayExecutor):
                 self.handles[gpu] = (
                     ray.remote(DPComputeActor)
                     .options(**options(gpu, p.rank, num_gpus=1 if pl.device == "cuda" else 0))
-                    .remote(cfg.model, ring, pl.device, pl.param_dtype)
+                    .remote(cfg.model, ring, pl.device, pl.param_dtype, pl.parked_inputs)
                 )
                 ssd = role(p.rank, "ssd")
                 self.handles[ssd] = (
