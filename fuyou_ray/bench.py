@@ -22,7 +22,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,9 @@ from typing import Any
 import torch
 
 from fuyou_ray.config import RunConfig
-from fuyou_ray.cpu_adam import HostAdamW, KernelMode
+from fuyou_ray.cpu_adam import pool_rate
 from fuyou_ray.errors import RunStateError
 from fuyou_ray.models import ModelSpec
-from fuyou_ray.optim import AdamWStep
-from fuyou_ray.ring import DTYPES
 
 
 @dataclass(frozen=True)
@@ -106,41 +103,6 @@ def measure_ssd(cfg: RunConfig, nbytes: int, seconds: float) -> tuple[float, flo
     )
 
 
-def measure_adam(
-    numel: int, threads: int, param_dtype: str = "bfloat16", kernel: KernelMode = "auto", pool: int = 1
-) -> float:
-    """AdamW params/s of the optimizer pool: `pool` updaters (HostAdamW on `threads` threads each, clipping
-    scale on, as the actors run it), each on its own `numel` elements, all at once. The update is bound by
-    host memory bandwidth, so the pool's rate is measured, not one actor's rate times the pool size (on
-    the H100 box that product said 5.95 Gparam/s; inside a step the pool updated about 3)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    updaters = [HostAdamW(threads, kernel) for _ in range(max(1, pool))]
-    try:
-        data = []
-        for _ in updaters:
-            w, g, m, v = (torch.randn(numel) for _ in range(4))
-            v.abs_()
-            data.append((w, g, m, v, torch.empty(numel, dtype=DTYPES[param_dtype])))
-        hp = AdamWStep(1, 1e-4, 0.9, 0.95, 1e-8, 0.1)
-
-        def update(k: int) -> None:
-            w, g, m, v, p = data[k]
-            updaters[k].update_(w, g, m, v, hp, decay_end=numel, grad_scale=0.5, params_out=p)
-
-        with ThreadPoolExecutor(max_workers=len(updaters)) as callers:  # the kernel releases the GIL
-
-            def everyone() -> None:
-                list(callers.map(update, range(len(updaters))))
-
-            seconds = _time(everyone, 3, lambda: None)
-    finally:
-        for adamw in updaters:
-            adamw.close()
-        torch.set_num_threads(previous)
-    return len(updaters) * numel / seconds
-
-
 def measure_ray_call() -> float:
     """Seconds per actor call when calls are issued ahead, as the schedule does (0 without Ray)."""
     import ray
@@ -178,7 +140,7 @@ def measure_rates(
     gpu = measure_gpu(cfg, spec, device, dtype)
     h2d, d2h = measure_pcie(min(largest * 4, 1 << 30))
     ssd = measure_ssd(cfg, min(largest * 4, 256 << 20), SSD_STREAM_SECONDS)
-    adam = measure_adam(min(largest, 64 << 20), threads, param_dtype, cfg.runtime.adam_kernel, pool)
+    adam = pool_rate(min(largest, 64 << 20), threads, pool, param_dtype, cfg.runtime.adam_kernel)
     notes: list[str] = []
     cache_threads = copy_threads(cfg.runtime.cache_threads)
     # Four calls at once of the run's largest fp32 record (at most 1 GiB): the copy rate depends on the size.

@@ -234,7 +234,9 @@ class SSDProfile:
 
 @dataclass(frozen=True)
 class AdamRate:
-    """The optimizer actors' AdamW (fuyou_ray.cpu_adam.HostAdamW) on `threads` threads of one process."""
+    """The optimizer actors' AdamW (fuyou_ray.cpu_adam.HostAdamW) on `threads` threads in all: updaters of
+    up to cpu_adam.ACTOR_THREADS threads, each on its own memory, at once (`cpu_adam.pool_rate`). Profiles
+    probed before 2026-11-25 (session 8) measured one updater of `threads` threads."""
 
     threads: int
     gparams_per_s: float
