@@ -311,6 +311,14 @@ def ring_geometry(
     return max(align_up(largest * param_bytes), align_up(elements * 4)), elements
 
 
+def optimizer_pool(cfg: RunConfig, cpus: int) -> tuple[int, int]:
+    """(optimizer actors, threads each) that the pipeline starts on `cpus` cores: the config's if set, else
+    up to 4 actors sharing the cores the GPU and SSD actors leave."""
+    actors = cfg.runtime.optimizer_actors or (1 if cpus < 8 else min(4, cpus // 4))
+    threads = cfg.runtime.optimizer_threads or max(1, (cpus - 2) // actors)
+    return actors, threads
+
+
 def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> Plan:
     device = resolve_device(cfg.runtime.device)
     param_dtype = "bfloat16" if device == "cuda" else "float32"
@@ -340,9 +348,7 @@ def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> 
         )
     num_slots = int(min((cfg.budgets.cpu_mem - working) // slot_bytes, MAX_USEFUL_SLOTS))
 
-    cpus = cpu_count or os.cpu_count() or 1
-    actors = cfg.runtime.optimizer_actors or (1 if cpus < 8 else min(4, cpus // 4))
-    threads = cfg.runtime.optimizer_threads or max(1, (cpus - 2) // actors)
+    actors, threads = optimizer_pool(cfg, cpu_count or os.cpu_count() or 1)
 
     ssd_needed = ssd_bytes_needed(spec, dtype_bytes, cfg.optimizer.max_grad_norm > 0)
     plan = Plan(

@@ -202,8 +202,12 @@ def test_todays_prediction_runs_the_drivers_host_cache(tmp_path: Path, spec: Mod
     cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, cpu_cache="auto"))
     driver = make_plan(cfg, spec, cpu_count=prof.cpu.cores)
     result, current = plan_and_predict(cfg, spec, prof)
-    ours = pipeline_plan(cfg, spec, result.plan)
+    ours = pipeline_plan(cfg, spec, result.plan, prof.cpu.cores)
     assert ours.num_slots == driver.num_slots and ours.cpu_bytes_needed == driver.cpu_bytes_needed
+    assert (ours.optimizer_actors, ours.optimizer_threads) == (
+        driver.optimizer_actors,
+        driver.optimizer_threads,
+    )
     ring = make_spec(driver.slot_bytes, driver.num_slots)
     assert cache_spec(ours, ring, 0) == cache_spec(driver, ring, 0)
     assert len(driver.cpu_cached_state) == spec.num_units and driver.grad_log_tier == "cpu"

@@ -122,20 +122,28 @@ def plan_and_predict(cfg: Any, spec: Any, profile: Any, schedule: str = "planned
     from fuyou_ray.simulate import predict
 
     result = auto_plan(cfg, spec, profile)
-    current_plan = pipeline_plan(cfg, spec, result.plan)
+    current_plan = pipeline_plan(cfg, spec, result.plan, profile.cpu.cores)
     w = workload_of(cfg, spec, current_plan.device, cfg.batch.micro_batch)
     current = predict(w, current_plan, profile, schedule="current")
     return result, current
 
 
-def pipeline_plan(cfg: Any, spec: Any, planned: Any) -> Any:
-    """The plan today's pipeline runs for `cfg`: the planner's device, optimizer pool and SSD queue depth,
-    with the ring and the host cache as `make_plan` (the driver's plan) sizes them - as many slots as
+def pipeline_plan(cfg: Any, spec: Any, planned: Any, cores: int) -> Any:
+    """The plan today's pipeline runs for `cfg` on a machine of `cores` cores: the planner's device and SSD
+    queue depth, with the optimizer pool, the parked block inputs, the ring and the host cache as
+    `make_plan` (the driver's plan) sizes them - the pool it starts on those cores, as many slots as
     `budgets.cpu_mem` holds up to MAX_USEFUL_SLOTS, then `fill_cache` with what is left when
     `runtime.cpu_cache` is auto (the cache the SSD actor keeps; its copies are part of the prediction)."""
     from fuyou_ray.costmodel import working_bytes
     from fuyou_ray.errors import BudgetError
-    from fuyou_ray.plan import MAX_USEFUL_SLOTS, fill_cache, parked_blocks, parked_input_bytes, parking_policy
+    from fuyou_ray.plan import (
+        MAX_USEFUL_SLOTS,
+        fill_cache,
+        optimizer_pool,
+        parked_blocks,
+        parked_input_bytes,
+        parking_policy,
+    )
     from fuyou_ray.schedule import MIN_SLOTS
 
     slot = planned.slot_bytes  # (with the planner's optimizer ranges, as make_plan sizes them)
@@ -148,6 +156,8 @@ def pipeline_plan(cfg: Any, spec: Any, planned: Any) -> Any:
     slots = int(max(MIN_SLOTS, min((cfg.budgets.cpu_mem - working) // slot, MAX_USEFUL_SLOTS)))
     plan = dataclasses.replace(
         planned.as_current(),
+        optimizer_actors=optimizer_pool(cfg, cores)[0],
+        optimizer_threads=optimizer_pool(cfg, cores)[1],
         micro_batch=cfg.batch.micro_batch,
         num_slots=slots,
         ring_bytes=slots * slot,
