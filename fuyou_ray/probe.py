@@ -451,16 +451,19 @@ def probe_ssd(options: ProbeOptions, log: Callable[[str], None], notes: list[str
         else:
             striped = list(per_dir[0].rates)
         deepest = max(options.queue_depths)
-        _, _, mr, mw = steady_ssd_rates(paths, nbytes, options.mixed_seconds, io_threads=deepest, solo=False)
+        sr, sw, mr, mw = steady_ssd_rates(paths, nbytes, options.mixed_seconds, io_threads=deepest)
         log(
-            f"ssd reads and writes at once ({MIXED_INFLIGHT} records in flight each way, queue depth "
-            f"{deepest}): read {mr / 1e9:.2f}, write {mw / 1e9:.2f} GB/s"
+            f"ssd steady streams ({MIXED_INFLIGHT} records in flight each way, queue depth {deepest}): "
+            f"read alone {sr / 1e9:.2f}, write alone {sw / 1e9:.2f}, at once read {mr / 1e9:.2f} + "
+            f"write {mw / 1e9:.2f} GB/s"
         )
     return SSDProfile(
         devices=len(dirs),
         rates=tuple(striped),
         mixed_read_gbps=_sig(mr / 1e9),
         mixed_write_gbps=_sig(mw / 1e9),
+        steady_read_gbps=_sig(sr / 1e9),
+        steady_write_gbps=_sig(sw / 1e9),
         capacity_bytes=sum(d.free_bytes for d in per_dir),
         dirs=tuple(per_dir),
     )

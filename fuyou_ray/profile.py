@@ -149,17 +149,32 @@ class SSDProfile:
     devices are time-shared (a read byte costs 1/read, a write byte 1/write of device time).
     `devices` is the number of physical drives behind the set; `with_devices(n)` scales the rates by n/devices
     (RAID0-like scaling), up to `max_gbps` per direction where the host caps it (0 = no cap).
+    `steady_read_gbps` / `steady_write_gbps`: one direction alone as steady streams with the SSD actor's
+    records in flight (`probe.steady_ssd_rates`; 0 = not measured). They cap the rates at every queue depth:
+    `rates` time single records, which a disk with a write-back cache in front (the H100 box's virtio disk)
+    serves faster than the sustained streams of a step (2.36 against 1.49 GB/s of writes there).
     """
 
     devices: int = 1
     rates: tuple[SSDRate, ...] = ()
     mixed_read_gbps: float = 0.0
     mixed_write_gbps: float = 0.0
+    steady_read_gbps: float = 0.0
+    steady_write_gbps: float = 0.0
     max_gbps: float = 0.0
     capacity_bytes: int = 0  # free bytes over the directories (0 = unknown)
     dirs: tuple[SSDDirProfile, ...] = ()
 
     def _at(self, queue_depth: int) -> SSDRate:
+        rate = self._measured_at(queue_depth)
+        read, write = rate.read_gbps, rate.write_gbps
+        if self.steady_read_gbps > 0:
+            read = min(read, self.steady_read_gbps)
+        if self.steady_write_gbps > 0:
+            write = min(write, self.steady_write_gbps)
+        return SSDRate(rate.queue_depth, read, write)
+
+    def _measured_at(self, queue_depth: int) -> SSDRate:
         if not self.rates:
             raise ProfileError("ssd.rates is empty: the profile has no SSD measurement")
         ordered = sorted(self.rates, key=lambda r: r.queue_depth)
@@ -224,6 +239,8 @@ class SSDProfile:
             rates=rates,
             mixed_read_gbps=cap(self.mixed_read_gbps),
             mixed_write_gbps=cap(self.mixed_write_gbps),
+            steady_read_gbps=cap(self.steady_read_gbps),
+            steady_write_gbps=cap(self.steady_write_gbps),
             capacity_bytes=int(self.capacity_bytes * f),
             dirs=(),
         )

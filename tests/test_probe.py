@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -124,6 +125,19 @@ def test_ssd_rates_by_queue_depth_devices_and_mixing() -> None:
     assert r == pytest.approx(1e9) and w == pytest.approx(0.5e9)
 
 
+def test_steady_streams_cap_the_single_record_rates() -> None:
+    """A disk whose cache serves single records faster than the streams of a step: the streams win."""
+    burst = SSDProfile(rates=(SSDRate(1, 1.8, 2.2), SSDRate(16, 2.0, 2.4)), mixed_read_gbps=0.9)
+    ssd = dataclasses.replace(burst, mixed_write_gbps=0.7, steady_read_gbps=1.9, steady_write_gbps=1.5)
+    assert ssd.read_bps(1) == pytest.approx(1.8e9) and ssd.read_bps(16) == pytest.approx(1.9e9)
+    assert ssd.write_bps(1) == ssd.write_bps(16) == pytest.approx(1.5e9)
+    assert burst.write_bps(16) == pytest.approx(2.4e9)  # profiles without streams keep their rates
+    r, w = ssd.shared_bps(16, 1, 1)  # the measured 1:1 mix is still what both at once get
+    assert r == pytest.approx(0.9e9) and w == pytest.approx(0.7e9)
+    two = ssd.with_devices(2)
+    assert two.steady_write_gbps == pytest.approx(3.0) and two.write_bps(16) == pytest.approx(3.0e9)
+
+
 def test_adam_rate_interpolates_by_threads() -> None:
     cpu = sample_profile().cpu
     assert cpu.adam_rate(1) == 0.5e9
@@ -162,6 +176,7 @@ def test_probe_on_this_machine(tmp_path: Path) -> None:
     assert [r.queue_depth for r in prof.ssd.rates] == [1, 4]
     assert all(r.read_gbps > 0 and r.write_gbps > 0 for r in prof.ssd.rates)
     assert prof.ssd.mixed_read_gbps > 0 and prof.ssd.mixed_write_gbps > 0 and prof.ssd.capacity_bytes > 0
+    assert prof.ssd.steady_read_gbps > 0 and prof.ssd.steady_write_gbps > 0
     assert prof.cpu.adam[0].threads == 1 and prof.cpu.adam[0].gparams_per_s > 0
     assert prof.cpu.memcpy_gbps > 0 and any(line.startswith("host cache copies") for line in lines)
     assert list(ssd.iterdir()) == [], "the probe must remove its files"
