@@ -53,8 +53,6 @@ from fuyou_ray.plan import (
     check_ssd_space,
     estimate_device_bytes,
     make_plan,
-    parked_blocks,
-    parking_policy,
 )
 from fuyou_ray.records import RecordKind, record_name
 from fuyou_ray.ring import DTYPES
@@ -184,20 +182,7 @@ def plan_for_import(cfg: RunConfig, spec: ModelSpec) -> Plan:
     """The plan the training run will make. An import may run where the training GPU is absent: with
     runtime.device 'cuda' it writes params in the GPU's compute dtype (bf16) all the same, and checks the
     device budget at that dtype (the CPU fallback's fp32 estimate would refuse a model the GPU can hold)."""
-    if cfg.runtime.device != "cuda" or torch.cuda.is_available():
-        return make_plan(cfg, spec)
-    parked = parked_blocks(cfg, spec, 2)  # (raises when even parked block inputs leave too little)
-    needed = estimate_device_bytes(cfg, spec, 2, len(parked))
-    unlimited = dataclasses.replace(cfg.budgets, gpu_mem=Size(1 << 62))
-    runtime = dataclasses.replace(cfg.runtime, device="cpu")
-    plan = make_plan(dataclasses.replace(cfg, runtime=runtime, budgets=unlimited), spec)
-    return dataclasses.replace(
-        plan,
-        device="cuda",
-        param_dtype="bfloat16",
-        device_bytes_needed=needed,
-        activation_policy=parking_policy(parked, spec.num_units),
-    )
+    return make_plan(cfg, spec, device="cuda" if cfg.runtime.device == "cuda" else None)
 
 
 def resolve_sources(adapter: HFAdapter, spec: ModelSpec, reader: CheckpointReader, where: str) -> list[str]:

@@ -319,8 +319,11 @@ def optimizer_pool(cfg: RunConfig, cpus: int) -> tuple[int, int]:
     return actors, threads
 
 
-def make_plan(cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None) -> Plan:
-    device = resolve_device(cfg.runtime.device)
+def make_plan(
+    cfg: RunConfig, spec: ModelSpec, cpu_count: int | None = None, device: str | None = None
+) -> Plan:
+    """The plan the driver runs (`device`: plan for that device instead of the one visible here)."""
+    device = device or resolve_device(cfg.runtime.device)
     param_dtype = "bfloat16" if device == "cuda" else "float32"
     dtype_bytes = 2 if param_dtype == "bfloat16" else 4
     largest = max(spec.units, key=lambda u: u.numel)

@@ -407,10 +407,12 @@ def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
 
 def as_pipeline(plan: Plan) -> Plan:
     """`plan` as the pipeline runs it today: the planner's schedule fields reset (`Plan.as_current`), its
-    host cache kept (the driver hands the cached units, a "cpu" gradient log and write-through to the SSD
-    actor: fuyou_ray.cache.cache_spec)."""
+    parked block inputs ("recompute") and host cache kept (the driver hands the cached units, a "cpu"
+    gradient log and write-through to the SSD actor: fuyou_ray.cache.cache_spec)."""
+    built = {"keep", "recompute"}  # the activation policies the pipeline implements (parked block inputs)
     return replace(
         plan.as_current(),
+        activation_policy=plan.activation_policy if set(plan.activation_policy) <= built else (),
         cpu_cached_params=plan.cpu_cached_params,
         cpu_cached_state=plan.cpu_cached_state,
         cache_write_through=plan.cache_write_through,

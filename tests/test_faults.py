@@ -180,6 +180,21 @@ def test_kills_with_the_optimizer_overlapping_backward(
     assert_no_leaks(cfg)
 
 
+def test_kills_of_the_gpu_actor_with_block_inputs_parked(
+    tmp_path: Path, references: dict[bool, Reference]
+) -> None:
+    """Both blocks' inputs wait for the backward in the compute actor's host arena (fuyou_ray/activations.py):
+    a kill in a forward, a backward or the next step's forward run ahead takes them with the actor, and
+    the replay parks them again, bit for bit as an uninterrupted run without parking."""
+    cfg = fault_config(tmp_path, clip=True, park_block_inputs=2)
+    plan = [("gpu", "forward"), ("gpu", "backward"), ("gpu", ""), ("gpu", "backward"), ("gpu", "forward")]
+    injector = run_with_faults(cfg, plan, seed=4)
+    report("kills, block inputs parked", injector)
+    assert len(injector.kills) >= 4, injector.missed
+    assert_identical(cfg, references[True])
+    assert_no_leaks(cfg)
+
+
 def test_hung_actors_are_restarted(tmp_path: Path, references: dict[bool, Reference]) -> None:
     """SIGSTOP freezes an actor without killing it; the step's watchdog notices, restarts it, replays."""
     cfg = fault_config(tmp_path, clip=True, hang_timeout_s=2.0)

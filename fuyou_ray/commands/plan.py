@@ -349,8 +349,10 @@ def render(cfg: Any, spec: Any, profile: Any, result: Any, current: Any, schedul
 
 
 def _pipeline_lines(cfg: Any, current: Any, n: int) -> list[str]:
-    """What today's pipeline runs with where it differs from the plan above: make_plan's ring and cache."""
+    """What today's pipeline runs with where it differs from the plan above: make_plan's ring, cache and
+    parked block inputs."""
     from fuyou_ray.config import format_size
+    from fuyou_ray.plan import parked_input_bytes
 
     plan = current.plan
     if plan.cpu_cached_state or plan.cpu_cached_params or plan.grad_log_tier == "cpu":
@@ -361,11 +363,16 @@ def _pipeline_lines(cfg: Any, current: Any, n: int) -> list[str]:
         )
     else:
         cache = f"none (runtime.cpu_cache {cfg.runtime.cpu_cache}, or cpu_mem holds only the ring)"
+    parked = plan.parked_inputs
+    arena = parked_input_bytes(cfg, 2 if plan.param_dtype == "bfloat16" else 4, len(parked))
     return [
         "today's pipeline (make_plan: the driver's plan)",
         f"  ring                  {plan.num_slots} slots x {format_size(plan.slot_bytes)}"
         + _ranges_note(plan),
         f"  host cache            {cache}",
+        f"  block inputs parked   {_units(parked, n)} ({format_size(arena)} of host memory)"
+        if parked
+        else "  block inputs parked   none (the device holds every block's input)",
     ]
 
 

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
         from fuyou_ray.models import ModelSpec
         from fuyou_ray.plan import make_plan
 
-        plan = make_plan(cfg, ModelSpec(cfg.model))
+        # Planned for the configured device, so a GPU run can be planned on a machine without the GPU.
+        device = "cuda" if cfg.runtime.device == "cuda" else None
+        plan = make_plan(cfg, ModelSpec(cfg.model), device=device)
         print(json.dumps({"config": cfg.to_dict(), "plan": plan.to_dict()}, indent=2))
         return 0
     result = train(cfg, stop_after=args.stop_after, executor=args.executor)
