@@ -402,7 +402,7 @@ def current_step(w: Workload, plan: Plan, device: str = "cuda") -> StepSchedule:
         lookahead=(None, None) if w.clipping else None,
     )
     sched = host_cache_ops(build_step(w.spec, ring, inputs), plan, ring, w.num_units)
-    return _device_streams(sched, w) if device == "cuda" else sched
+    return _device_streams(sched, w, frozenset(plan.parked_inputs)) if device == "cuda" else sched
 
 
 def as_pipeline(plan: Plan) -> Plan:
@@ -468,22 +468,41 @@ def _record_of(op: Op, ops: Sequence[Op]) -> str:
     raise SimulationError(f"op {op.id} (ssd.{op.method}): cannot tell which record it writes")
 
 
-def _device_streams(sched: StepSchedule, w: Workload) -> StepSchedule:
+def _device_streams(sched: StepSchedule, w: Workload, parked: frozenset[int] = frozenset()) -> StepSchedule:
     """build_step's ops with each GPU compute call split into the call itself (`gpu.load`: the params'
-    copy, which the host waits for) and its compute (`cuda.compute_*`, in order on the device's stream)."""
+    copy, which the host waits for) and its compute (`cuda.compute_*`, in order on the device's stream).
+    The inputs of the `parked` blocks (fuyou_ray/activations.py) go out on the D2H stream after the
+    forward that made them, and come back on the H2D stream from the call of the unit after them in the
+    backward; their backward's compute waits for them."""
     out = StepSchedule()
     new: dict[int, int] = {}
     queued: list[int] = []  # the last compute queued on the device
+    parked_out: dict[int, int] = {}  # parked unit -> the D2H copy of its input
+    coming_back: dict[int, int] = {}  # parked unit -> the H2D copy of its input
     for op in sched.ops:
         args = tuple(Ref(new[a.op]) if isinstance(a, Ref) else a for a in op.args)
         after = [new[i] for i in op.after]
         info = {"phase": op.phase, "unit": op.unit, "nbytes": op.nbytes}
         if op.actor == "gpu" and op.method in ("forward", "backward", "head"):
+            u = op.unit
             load = out.add("gpu", "load", *args, after=after, **info)
-            method = op.method if op.method != "backward" else backward_method(w, op.unit, "keep")
-            queued = [
-                out.add("cuda", f"compute_{method}", op.unit, after=[load], phase=op.phase, unit=op.unit)
-            ]
+            method = op.method if op.method != "backward" else backward_method(w, u, "keep")
+            back = []
+            if op.method == "backward" and u in parked:
+                fetched = coming_back.pop(u, None)
+                if fetched is None:  # (nothing prefetched it: the copy starts with this call)
+                    fetched = _copy_in(out, u, [load, *_ids(parked_out.pop(u, None))], w, op.phase)
+                back = [fetched]
+            compute = out.add("cuda", f"compute_{method}", u, after=[load, *back], phase=op.phase, unit=u)
+            queued = [compute]
+            if op.method == "forward" and u + 1 in parked:
+                parked_out[u + 1] = out.add(
+                    "d2h", "copy", after=[compute], phase=op.phase, unit=u + 1, nbytes=w.boundary_bytes
+                )
+            if op.method in ("backward", "head") and u - 1 in parked:
+                coming_back[u - 1] = _copy_in(
+                    out, u - 1, [load, *_ids(parked_out.pop(u - 1, None))], w, op.phase
+                )
             new[op.id] = load
         elif op.actor == "gpu" and op.method in ("emit_grad", "step_summary", "clip_coefficient"):
             new[op.id] = out.add(op.actor, op.method, *args, after=[*after, *queued], **info)
@@ -491,6 +510,15 @@ def _device_streams(sched: StepSchedule, w: Workload) -> StepSchedule:
             new[op.id] = out.add(op.actor, op.method, *args, after=after, **info)
     out.summary, out.commit = new[sched.summary], new[sched.commit]
     return out
+
+
+def _ids(op: int | None) -> list[int]:
+    return [] if op is None else [op]
+
+
+def _copy_in(out: StepSchedule, unit: int, after: list[int], w: Workload, phase: str) -> int:
+    """A parked input's copy back to the device (H2D stream)."""
+    return out.add("h2d", "copy", after=after, phase=phase, unit=unit, nbytes=w.boundary_bytes)
 
 
 class _SlotRing:

@@ -415,3 +415,35 @@ def test_the_current_schedule_keeps_the_cache_but_not_the_planners_schedule(tmp_
     sched = current_step(env.workload, current)
     methods = {op.method for op in sched.ops if op.actor == "ssd"}
     assert methods == {"cache_read", "cache_write", "lend", "adopt", "view", "publish", "commit"}
+
+
+def test_the_current_schedule_moves_parked_block_inputs_out_and_back(tmp_path: Path) -> None:
+    """Blocks 1 and 2 parked (the pipeline's "recompute" policy; as_pipeline keeps it, not swap_cpu): each
+    input leaves on the D2H stream after the forward that made it and comes back before its backward."""
+    cfg = small_config(tmp_path, clip=0.0)
+    env = env_for(make_profile(tflops=2e-3), cfg)
+    policy = ("keep", "recompute", "recompute", "keep", "keep", "keep")
+    parked = dataclasses.replace(env.plan, activation_policy=policy)
+    assert as_pipeline(parked).parked_inputs == (1, 2)
+    assert (
+        as_pipeline(dataclasses.replace(env.plan, activation_policy=("keep", "swap_cpu"))).parked_inputs == ()
+    )
+    sched = current_step(env.workload, as_pipeline(parked))
+    copies = [op for op in sched.ops if op.actor in ("d2h", "h2d")]
+    boundary = env.workload.boundary_bytes
+    assert sorted((op.actor, op.unit) for op in copies) == [("d2h", 1), ("d2h", 2), ("h2d", 1), ("h2d", 2)]
+    assert all(op.nbytes == boundary for op in copies)
+    by_id = {op.id: op for op in sched.ops}
+    for u in (1, 2):
+        back = next(op for op in copies if op.actor == "h2d" and op.unit == u)
+        out = next(op for op in copies if op.actor == "d2h" and op.unit == u)
+        assert out.id in back.after  # no copy back before the copy out
+        compute = next(
+            op for op in sched.ops if op.actor == "cuda" and op.unit == u and "backward" in op.method
+        )
+        assert back.id in compute.after
+        made_by = by_id[out.after[0]]
+        assert made_by.method == "compute_forward" and made_by.unit == u - 1
+    plain = predict(env.workload, as_pipeline(env.plan), env.profile, schedule="current")
+    moved = predict(env.workload, as_pipeline(parked), env.profile, schedule="current")
+    assert moved.sim.busy["d2h"] > plain.sim.busy["d2h"] and moved.sim.busy["h2d"] > plain.sim.busy["h2d"]
