@@ -10,7 +10,7 @@ import pytest
 from fuyou_ray import bench
 from fuyou_ray.bench import format_table, run_bench
 from fuyou_ray.errors import RunStateError
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -52,3 +52,16 @@ def test_a_finished_run_dir_is_refused(tmp_path: Path) -> None:
     run_bench(cfg, steps=1)
     with pytest.raises(RunStateError, match="bench a fresh run_dir"):
         run_bench(cfg, steps=1)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "bench").glob("*.yaml")))
+def test_every_bench_config_plans_within_its_budgets_on_the_gpu(name: str) -> None:
+    from fuyou_ray.config import load_config
+    from fuyou_ray.models import ModelSpec
+    from fuyou_ray.plan import make_plan
+
+    cfg = load_config(REPO / "configs" / "bench" / name)
+    plan = make_plan(cfg, ModelSpec(cfg.model), device="cuda")
+    assert plan.device_bytes_needed <= cfg.budgets.gpu_mem and plan.cpu_bytes_needed <= cfg.budgets.cpu_mem
+    if name == "gpt3-2.7b.yaml":  # sized for the H100 box's single disk (64 GiB free)
+        assert plan.ssd_bytes_needed <= 60 * 2**30
