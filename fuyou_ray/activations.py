@@ -12,6 +12,7 @@ at once (one leaving in the forward, one arriving in the backward).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,8 @@ class HostActivations:
         self._arena: torch.Tensor | None = None
         self._registered = 0  # data_ptr of the arena while page-locked
         self._layout: tuple[tuple[tuple[int, ...], ...], torch.dtype] | None = None
-        self._offsets: list[int] = []
+        self._offsets: list[int] = []  # byte offset of each micro-batch's tensor within a unit's region
+        self._sizes: list[int] = []  # its bytes
         self._unit_bytes = 0
         self._parked: dict[int, torch.cuda.Event | None] = {}  # unit -> its D2H copy's completion
         self._fetched: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
@@ -160,27 +162,19 @@ class HostActivations:
             raise ActivationParkingError(f"unit {unit}: nothing was parked in this step")
         shapes, dtype = self._layout
         base = self.units.index(unit) * self._unit_bytes
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        views = []
-        for off, shape in zip(self._offsets, shapes, strict=True):
-            n = itemsize
-            for d in shape:
-                n *= d
-            views.append(self._arena[base + off : base + off + n].view(dtype).view(shape))
-        return views
+        return [
+            self._arena[base + off : base + off + n].view(dtype).view(shape)
+            for off, n, shape in zip(self._offsets, self._sizes, shapes, strict=True)
+        ]
 
     def _allocate(self, layout: tuple[tuple[tuple[int, ...], ...], torch.dtype]) -> None:
         self.close()
         shapes, dtype = layout
         itemsize = torch.empty((), dtype=dtype).element_size()
-        offsets, total = [], 0
-        for shape in shapes:
-            offsets.append(total)
-            n = itemsize
-            for d in shape:
-                n *= d
-            total += -(-n // ALIGN) * ALIGN
-        self._offsets, self._unit_bytes = offsets, total
+        self._sizes = [itemsize * math.prod(shape) for shape in shapes]
+        aligned = [-(-n // ALIGN) * ALIGN for n in self._sizes]
+        self._offsets = [sum(aligned[:i]) for i in range(len(aligned))]
+        total = self._unit_bytes = sum(aligned)
         arena = torch.empty(len(self.units) * total, dtype=torch.uint8)
         if self.lanes.cuda:
             err = int(torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 0))

@@ -48,12 +48,7 @@ from fuyou_ray.models.hf_adapters import (
     adapter_for,
     adapter_for_model,
 )
-from fuyou_ray.plan import (
-    Plan,
-    check_ssd_space,
-    estimate_device_bytes,
-    make_plan,
-)
+from fuyou_ray.plan import Plan, check_ssd_space, estimate_device_bytes, make_plan
 from fuyou_ray.records import RecordKind, record_name
 from fuyou_ray.ring import DTYPES
 from fuyou_ray.safetensors_io import (

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
+from fuyou_ray.activations import ALIGN
 from fuyou_ray.config import RunConfig, format_size
 from fuyou_ray.costmodel import (
     POLICIES,
@@ -174,6 +175,11 @@ class Plan:
         return self.activation_policy[unit] if unit < len(self.activation_policy) else "keep"
 
     @property
+    def param_bytes(self) -> int:
+        """Bytes per element of the streamed params (and of the activations computed from them)."""
+        return _itemsize(self.param_dtype)
+
+    @property
     def parked_inputs(self) -> tuple[int, ...]:
         """The units whose input the compute actor parks in host memory ("recompute")."""
         return tuple(u for u, p in enumerate(self.activation_policy) if p == "recompute")
@@ -232,7 +238,7 @@ def estimate_device_bytes(cfg: RunConfig, spec: ModelSpec, dtype_bytes: int, par
 def parked_input_bytes(cfg: RunConfig, dtype_bytes: int, parked: int) -> int:
     """Host bytes of the arena holding `parked` blocks' inputs (each micro-batch page-aligned)."""
     b = cfg.batch
-    per_micro = -(-b.micro_batch * b.seq_len * cfg.model.d_model * dtype_bytes // 4096) * 4096
+    per_micro = -(-b.micro_batch * b.seq_len * cfg.model.d_model * dtype_bytes // ALIGN) * ALIGN
     return parked * b.accum_steps * per_micro
 
 
@@ -252,12 +258,12 @@ def parked_blocks(cfg: RunConfig, spec: ModelSpec, dtype_bytes: int) -> tuple[in
     if configured >= 0:
         n = min(configured, len(blocks))
     else:
-        fits = [
+        fitting = (
             k
             for k in range(len(blocks) + 1)
             if estimate_device_bytes(cfg, spec, dtype_bytes, k) <= cfg.budgets.gpu_mem
-        ]
-        n = fits[0] if fits else len(blocks)
+        )
+        n = next(fitting, len(blocks))
     needed = estimate_device_bytes(cfg, spec, dtype_bytes, n)
     if needed > cfg.budgets.gpu_mem:
         parked = f" with the inputs of {n} of {len(blocks)} blocks parked in host memory" if n else ""

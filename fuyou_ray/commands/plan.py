@@ -147,17 +147,18 @@ def pipeline_plan(cfg: Any, spec: Any, planned: Any, cores: int) -> Any:
     from fuyou_ray.schedule import MIN_SLOTS
 
     slot = planned.slot_bytes  # (with the planner's optimizer ranges, as make_plan sizes them)
-    dtype_bytes = 2 if planned.param_dtype == "bfloat16" else 4
+    dtype_bytes = planned.param_bytes
     try:
         parked = parked_blocks(cfg, spec, dtype_bytes)  # the block inputs make_plan parks in host memory
     except BudgetError:  # the planner fits the device in ways the pipeline does not (its own chunks)
         parked = tuple(range(1, spec.num_units - 1))
     working = working_bytes(spec) + parked_input_bytes(cfg, dtype_bytes, len(parked))
     slots = int(max(MIN_SLOTS, min((cfg.budgets.cpu_mem - working) // slot, MAX_USEFUL_SLOTS)))
+    actors, threads = optimizer_pool(cfg, cores)
     plan = dataclasses.replace(
         planned.as_current(),
-        optimizer_actors=optimizer_pool(cfg, cores)[0],
-        optimizer_threads=optimizer_pool(cfg, cores)[1],
+        optimizer_actors=actors,
+        optimizer_threads=threads,
         micro_batch=cfg.batch.micro_batch,
         num_slots=slots,
         ring_bytes=slots * slot,
@@ -364,7 +365,7 @@ def _pipeline_lines(cfg: Any, current: Any, n: int) -> list[str]:
     else:
         cache = f"none (runtime.cpu_cache {cfg.runtime.cpu_cache}, or cpu_mem holds only the ring)"
     parked = plan.parked_inputs
-    arena = parked_input_bytes(cfg, 2 if plan.param_dtype == "bfloat16" else 4, len(parked))
+    arena = parked_input_bytes(cfg, plan.param_bytes, len(parked))
     return [
         "today's pipeline (make_plan: the driver's plan)",
         f"  ring                  {plan.num_slots} slots x {format_size(plan.slot_bytes)}"
